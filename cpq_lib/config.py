@@ -1,0 +1,222 @@
+"""Experiment configuration as typed dataclasses: profiles, JSON/YAML round trip, validation.
+
+Validation walks the dataclass type hints and per-field ``metadata`` (choices, min, max) so each
+error names the dotted field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import atomic_write_text
+
+PROFILES = ("quick", "cifar10", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", choices=("digits", "cifar10", "cifar100", "imagefolder"))
+    root: str | None = None
+    val_fraction: float = _f(0.1, min=0.01, max=0.5)
+    split_seed: int = _f(0, min=0)
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("digits_cnn", choices=("digits_cnn", "resnet20", "resnet32", "vgg_small"))
+    width: float = _f(1.0, min=0.01, max=64.0)
+    pretrained: bool = False  # load the shipped checkpoint for (model, data set) instead of training
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(30, min=1, max=10_000)
+    batch_size: int = _f(64, min=1, max=65_536)
+    lr: float = _f(0.05, min=1e-8, max=10.0)
+    momentum: float = _f(0.9, min=0.0, max=0.999)
+    nesterov: bool = True
+    weight_decay: float = _f(5e-4, min=0.0, max=1.0)
+    schedule: str = _f("onecycle", choices=("onecycle", "cosine", "step", "constant"))
+    warmup_epochs: float = _f(0.0, min=0.0)
+    milestones: list[float] = _f([0.5, 0.75])
+    gamma: float = _f(0.1, min=0.0, max=1.0)
+    label_smoothing: float = _f(0.0, min=0.0, max=0.99)
+    channels_last: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    profile: str = _f("quick", choices=PROFILES)
+    seed: int = _f(0, min=0)
+    device: str = _f("auto", choices=DEVICES)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' was requested but no CUDA device is available; use 'cpu' or 'auto'")
+        return self.device
+
+
+def _check_scalar(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _check_scalar(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_scalar(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, validating every field."""
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of fields, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{label}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        dotted = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, dotted)
+            continue
+        value = _check_scalar(value, hint, dotted)
+        meta = fields[name].metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{dotted}: {value!r} is not allowed; choose one of {list(meta['choices'])}")
+        if value is not None and "min" in meta and value < meta["min"]:
+            raise ConfigError(f"{dotted}: {value!r} is below the minimum {meta['min']}")
+        if value is not None and "max" in meta and value > meta["max"]:
+            raise ConfigError(f"{dotted}: {value!r} is above the maximum {meta['max']}")
+        values[name] = value
+    return cls(**values)
+
+
+def _profile_defaults(profile: str) -> dict[str, Any]:
+    if profile == "quick":
+        return {"profile": "quick", "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
+                "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0}}
+    if profile == "cifar10":
+        # the recipe of the shipped resnet20 (see cpq_lib/models/pretrained/resnet20_cifar10.json)
+        return {"profile": "cifar10", "data": {"name": "cifar10"}, "model": {"name": "resnet20", "pretrained": True},
+                "train": {"epochs": 80, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
+                          "label_smoothing": 0.1, "nesterov": True}}
+    if profile == "paper":
+        # thesis settings: 400 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4; meant for a GPU
+        return {"profile": "paper", "device": "auto", "data": {"name": "cifar10"}, "model": {"name": "resnet20"},
+                "train": {"epochs": 400, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
+                          "nesterov": False}}
+    raise ConfigError(f"profile: {profile!r} is not allowed; choose one of {list(PROFILES)}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _undot(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def make_config(profile: str = "quick", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Profile defaults updated with ``overrides`` (nested or dotted keys, e.g. ``{"data.root": ...}``)."""
+    data = _merge(_profile_defaults(profile), _undot(overrides or {}))
+    return from_dict(ExperimentConfig, data)
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Read JSON (``.json``) or YAML (``.yaml``/``.yml``); the file's ``profile`` supplies the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unknown suffix {path.suffix!r}; allowed: .json, .yaml, .yml")
+    except (json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"config file {path} is malformed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    profile = data.get("profile", "quick")
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: {profile!r} is not allowed; choose one of {list(PROFILES)}")
+    return from_dict(ExperimentConfig, _merge(_profile_defaults(profile), data))
+
+
+def save_config(config: ExperimentConfig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    data = config.to_dict()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        atomic_write_text(yaml.safe_dump(data, sort_keys=False), path)
+    else:
+        atomic_write_text(json.dumps(data, indent=2) + "\n", path)

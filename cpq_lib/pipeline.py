@@ -1,0 +1,96 @@
+"""Stage glue shared by notebooks and command lines: data and baseline model for a configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+from .data import DataBundle, load_dataset
+from .errors import CheckpointError
+from .models import build_model, load_checkpoint, load_pretrained, save_checkpoint
+from .provenance import environment_record
+from .train import evaluate, train_model
+from .fileio import atomic_write_json
+
+
+def load_data(config: ExperimentConfig) -> DataBundle:
+    d = config.data
+    return load_dataset(d.name, d.root, val_fraction=d.val_fraction, split_seed=d.split_seed, download=d.download)
+
+
+def model_kwargs(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    """Build arguments for the configured model on ``data`` (recorded in the model card)."""
+    mean, std = data.channel_stats()
+    kwargs: dict[str, Any] = {"num_classes": data.num_classes, "in_channels": data.in_channels,
+                              "width": config.model.width, "mean": mean, "std": std}
+    if config.model.name == "vgg_small":
+        kwargs["image_size"] = data.image_size[0]
+    return kwargs
+
+
+def check_card_matches(card: dict[str, Any], data: DataBundle, path: str | os.PathLike) -> None:
+    """A checkpoint must have been trained without exactly this validation split and these classes."""
+    recorded = card.get("data", {})
+    if recorded.get("classes") != data.classes:
+        raise CheckpointError(f"class mismatch: checkpoint {path} was trained on classes {recorded.get('classes')}, the data has {data.classes}")
+    if recorded.get("val_digest") != data.val_digest:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another validation split (split seed {recorded.get('split_seed')}, "
+            f"fraction {recorded.get('val_fraction')}); this data uses seed {data.split_seed}, fraction {data.val_fraction}"
+        )
+
+
+def final_report(model: nn.Module, data: DataBundle, device: str) -> dict[str, Any]:
+    """Validation and test accuracy of a finished model (the only place the test split is read)."""
+    val = evaluate(model, data.eval_loader("val"), data.num_classes, device)
+    test = evaluate(model, data.eval_loader("test"), data.num_classes, device)
+    return {"val_accuracy": val.accuracy, "val_loss": val.loss, "test_accuracy": test.accuracy, "test_loss": test.loss,
+            "per_class_test_accuracy": dict(zip(data.classes, test.per_class_accuracy))}
+
+
+def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os.PathLike, *,
+                   progress: bool = True, command: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the configured model from scratch (resuming from ``out_dir/state.pt``) and save ``out_dir/model.pt``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = config.resolved_device()
+    kwargs = model_kwargs(config, data)
+    torch.manual_seed(config.seed)  # weight initialisation is part of the recorded run
+    model = build_model(config.model.name, **kwargs)
+    result = train_model(model, data, config.train, seed=config.seed, device=device, state_path=out / "state.pt",
+                         log_path=out / "log.jsonl", progress=progress)
+    card = {
+        "model": config.model.name, "model_kwargs": kwargs, "data": data.describe(),
+        "seed": config.seed, "epochs": result.epochs_completed, "train": dataclasses.asdict(config.train),
+        "wall_time_seconds": round(result.seconds, 1), "history": result.history,
+        **final_report(model, data, device),
+        "command": command or "python -m cpq_lib.train " + shlex.join(sys.argv[1:]),
+        "environment": environment_record(),
+    }
+    save_checkpoint(model.cpu(), out / "model.pt", card)
+    atomic_write_json(card, out / "model.json")
+    return model, card
+
+
+def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os.PathLike, *,
+                   progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The full-precision model of a profile: the shipped checkpoint, a cached one in ``run_dir``, or a new one."""
+    if config.model.pretrained:
+        model, card = load_pretrained(config.model.name, data.name)
+        check_card_matches(card, data, f"shipped {config.model.name}_{data.name}")
+        return model, card
+    path = Path(run_dir) / "baseline" / "model.pt"
+    if path.is_file():
+        model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
+        if card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed:
+            check_card_matches(card, data, path)
+            return model, card
+    return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model")

@@ -1,0 +1,61 @@
+"""Evaluation: top-1, per-class accuracy and mean loss over any iterable of (images, labels) batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    count: int
+    per_class_count: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss, "per_class_accuracy": self.per_class_accuracy,
+                "count": self.count, "per_class_count": self.per_class_count}
+
+
+def memory_format_of(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's first 4-D weight is stored that way, so inputs can match it."""
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            return torch.channels_last if parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous() else torch.contiguous_format
+    return torch.contiguous_format
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str | torch.device = "cpu",
+             progress: bool = False, desc: str = "eval") -> EvalResult:
+    """Evaluate in eval mode (restoring the previous mode afterwards)."""
+    was_training = model.training
+    model.eval()
+    fmt = memory_format_of(model)
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    loss_sum = 0.0
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for images, labels in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        images = images.to(device).contiguous(memory_format=fmt)
+        labels = labels.to(device)
+        logits = model(images)
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"class count mismatch: the model outputs {logits.shape[1]} classes, the data has {num_classes}")
+        loss_sum += float(criterion(logits, labels))
+        hits = (logits.argmax(1) == labels).long().cpu()
+        labels = labels.cpu()
+        correct.index_add_(0, labels, hits)
+        total.index_add_(0, labels, torch.ones_like(labels))
+    model.train(was_training)
+    count = int(total.sum())
+    if count == 0:
+        raise ValueError("evaluation data is empty")
+    per_class = [float(c) / float(t) if t else float("nan") for c, t in zip(correct, total)]
+    return EvalResult(float(correct.sum()) / count, loss_sum / count, per_class, count, [int(t) for t in total])

@@ -1,0 +1,139 @@
+"""SGD training that checkpoints every epoch atomically and resumes exactly after being killed.
+
+Exact resumption needs no saved RNG state: each epoch's shuffling, augmentation and torch seed are
+derived from (seed, epoch), and the learning rate is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data import DataBundle
+from ..errors import CheckpointError
+from ..fileio import atomic_torch_save
+from .evaluate import evaluate
+from .schedule import learning_rate
+
+STATE_FORMAT = "cpq-train-state/1"
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    epochs_completed: int = 0
+    resumed_from_epoch: int = 0
+    seconds: float = 0.0
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+def _load_state(path: Path, expected: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to read means the file is unusable
+        raise CheckpointError(f"training state {path} is corrupted: {exc}; delete it to start over") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a cpq training state (format {STATE_FORMAT!r})")
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise CheckpointError(
+                f"training state {path} was made with a different {key}: {state.get(key)!r} vs now {value!r}; "
+                f"use another state path or delete it"
+            )
+    return state
+
+
+def train_model(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
+    state_path: str | os.PathLike | None = None,
+    log_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    eval_split: str = "val",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs, validating on ``eval_split`` after each."""
+    model.to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    optimizer = make_optimizer(model, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loader = data.train_loader(cfg.batch_size, seed=seed)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    expected = {"train_config": dataclasses.asdict(cfg), "seed": seed, "val_digest": data.val_digest,
+                "dataset": data.name}
+    state_file = Path(state_path) if state_path is not None else None
+    result = TrainResult()
+    state = _load_state(state_file, expected) if state_file is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        model.to(memory_format=fmt)
+        optimizer.load_state_dict(state["optimizer"])
+        result.history = list(state["history"])
+        result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
+        result.seconds = float(state["seconds"])
+
+    epochs = tqdm(range(result.epochs_completed, cfg.epochs), desc="epochs", disable=not progress,
+                  initial=result.epochs_completed, total=cfg.epochs)
+    for epoch in epochs:
+        started = time.perf_counter()
+        torch.manual_seed(seed * 100_003 + epoch)
+        loader.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step_in_epoch, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)):
+            lr = learning_rate(epoch * steps_per_epoch + step_in_epoch, total_steps, cfg.lr, cfg.schedule,
+                               warmup_steps=warmup_steps, milestones=tuple(cfg.milestones), gamma=cfg.gamma)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device).contiguous(memory_format=fmt)
+            labels = labels.to(device)
+            logits = model(images)
+            loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * labels.shape[0]
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += labels.shape[0]
+        validation = evaluate(model, data.eval_loader(eval_split), data.num_classes, device)
+        result.seconds += time.perf_counter() - started
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  f"{eval_split}_loss": validation.loss, f"{eval_split}_accuracy": validation.accuracy,
+                  "seconds": result.seconds}
+        result.history.append(record)
+        result.epochs_completed = epoch + 1
+        if state_file is not None:
+            atomic_torch_save({"format": STATE_FORMAT, **expected, "epoch": epoch + 1, "seconds": result.seconds,
+                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "history": result.history}, state_file)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        epochs.set_postfix(val_acc=f"{validation.accuracy:.4f}", loss=f"{record['train_loss']:.3f}")
+        if on_epoch is not None:
+            on_epoch(record)
+    model.eval()
+    return result
