@@ -189,19 +189,15 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    import yaml
+
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path}: unknown suffix {path.suffix!r}; allowed: .json, .yaml, .yml")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {path}: unknown suffix {path.suffix!r}; allowed: .json, .yaml, .yml")
-    except (json.JSONDecodeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path} is malformed: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")

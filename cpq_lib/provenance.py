@@ -29,7 +29,7 @@ def git_commit(folder: Path | None = None) -> str | None:
 
 def environment_record() -> dict[str, Any]:
     return {
-        "cpq_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
+        "cpq_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "machine": platform.machine(),
     }
 

@@ -7,6 +7,7 @@ loads without unpickling arbitrary objects and the architecture can be rebuilt f
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -28,8 +29,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, card: dict[str, A
     for key in ("model", "model_kwargs"):
         if key not in card:
             raise CheckpointError(f"model card needs a {key!r} entry to rebuild the model; got keys {sorted(card)}")
+    try:  # plain JSON values only, so a weights-only load can read the card back
+        plain_card = json.loads(json.dumps(card, allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"model card must hold JSON values only: {exc}") from exc
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_torch_save({"format": FORMAT, "card": card, "state_dict": state}, path)
+    atomic_torch_save({"format": FORMAT, "card": plain_card, "state_dict": state}, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""Run every notebook of a profile headlessly with papermill: ``python -m cpq_lib.runner --profile quick``.
+
+Executed copies go to the run folder (``runs/<profile>/notebooks``); figures to ``figures/<profile>``.
+``--store`` writes the executed notebooks back into ``notebooks/`` (how the stored `quick` outputs
+that nbval compares are refreshed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import DEVICES, PROFILES
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+
+
+def notebook_paths(selection: list[str] | None = None) -> list[Path]:
+    paths = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if selection:
+        chosen = [p for p in paths if any(p.name.startswith(s) or p.stem == s for s in selection)]
+        if not chosen:
+            raise SystemExit(f"no notebook matches {selection}; available: {[p.name for p in paths]}")
+        return chosen
+    return paths
+
+
+def clean_stored_notebook(path: Path) -> None:
+    """Drop machine paths and timestamps papermill records, so stored notebooks diff only on content."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    notebook.metadata.pop("papermill", None)
+    for cell in notebook.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(notebook, path)
+
+
+def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures_dir: Path,
+        selection: list[str] | None = None, store: bool = False, seed: int = 0) -> list[tuple[str, float]]:
+    import papermill
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill stored outputs
+    os.environ.pop("CPQ_RUN_DIR", None)
+    os.environ.pop("CPQ_FIGURES_DIR", None)
+    executed_dir = run_dir / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    # paths relative to the notebooks folder keep machine paths out of stored outputs
+    parameters = {"profile": profile, "seed": seed, "device": device,
+                  "run_dir": os.path.relpath(run_dir, NOTEBOOKS), "figures_dir": os.path.relpath(figures_dir, NOTEBOOKS)}
+    if data_root:
+        parameters["data_root"] = os.path.abspath(data_root)
+    timings = []
+    for path in notebook_paths(selection):
+        started = time.perf_counter()
+        print(f"[{profile}] {path.name} ...", flush=True)
+        output = path if store else executed_dir / path.name
+        papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
+                                   kernel_name="python3", progress_bar=False, report_mode=False)
+        if store:
+            clean_stored_notebook(output)
+        timings.append((path.name, time.perf_counter() - started))
+        print(f"[{profile}] {path.name} done in {timings[-1][1]:.1f} s", flush=True)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cpq_lib.runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick", choices=PROFILES)
+    parser.add_argument("--data-root", default=None, help="zip, image-folder root or torchvision root (cifar10/paper)")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-dir", default=None, help="default: runs/<profile>")
+    parser.add_argument("--figures-dir", default=None, help="default: figures/<profile>")
+    parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 03")
+    parser.add_argument("--store", action="store_true", help="write executed notebooks back into notebooks/")
+    args = parser.parse_args(argv)
+    if args.data_root and not Path(args.data_root).exists():
+        parser.error(f"--data-root {args.data_root} does not exist")
+    if args.store and args.profile != "quick":
+        parser.error("--store keeps the stored notebooks on the quick profile; run other profiles without it")
+    run_dir = Path(args.run_dir or REPO / "runs" / args.profile).resolve()
+    figures_dir = Path(args.figures_dir or REPO / "figures" / args.profile).resolve()
+    timings = run(args.profile, args.data_root, args.device, run_dir, figures_dir, args.only, args.store, args.seed)
+    total = sum(t for _, t in timings)
+    print(f"ran {len(timings)} notebook(s) with profile {args.profile} in {total:.1f} s; figures in {figures_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

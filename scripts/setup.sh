@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create ./.venv with cpq (editable) and everything the notebooks and tests need.
+# Idempotent: a stamp of pyproject.toml + constraints.txt makes a re-run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${CPQ_VENV:-.venv}"
+python="${PYTHON:-python3}"
+constraints="${CPQ_CONSTRAINTS:-constraints.txt}"
+stamp="$venv/.cpq-setup"
+want="$(cat pyproject.toml "$constraints" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+  exit 0
+fi
+echo "setting up $venv (first run: a few minutes) ..." >&2
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" -e ".[dev]" 2>&1 \
+  | grep -v '^WARNING: Location' >&2 || true
+"$venv/bin/python" -c "import cpq_lib, torch, torchvision, papermill, nbval" \
+  || { echo "set-up failed: cpq_lib or a dependency does not import" >&2; exit 1; }
+echo "$want" > "$stamp"

@@ -1,0 +1,54 @@
+"""Shared fixtures: the shared CIFAR-10 zip, and output folders kept out of the clone."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ZIP = Path(os.environ.get("CPQ_SHARED_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # nbval's kernels inherit this environment: notebook runs write their figures and records here,
+    # not into the clone's figures/ and runs/ folders.
+    scratch = Path(tempfile.mkdtemp(prefix="cpq-tests-"))
+    os.environ.setdefault("CPQ_RUN_DIR", str(scratch / "runs"))
+    os.environ.setdefault("CPQ_FIGURES_DIR", str(scratch / "figures"))
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def cifar10_zip() -> Path:
+    """The shared JPEG CIFAR-10 zip; skipped when absent, a failure when CI=true (CI always has it)."""
+    if not SHARED_ZIP.is_file():
+        message = f"shared CIFAR-10 zip not found at {SHARED_ZIP}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: CI must have it)")
+        pytest.skip(message)
+    return SHARED_ZIP
+
+
+@pytest.fixture(scope="session")
+def cifar10(cifar10_zip):
+    from cpq_lib.data import load_dataset
+
+    return load_dataset("cifar10", cifar10_zip)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from cpq_lib.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture()
+def tmp_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CPQ_CACHE_DIR", str(cache))
+    return cache

@@ -1,0 +1,62 @@
+import torch
+
+from cpq_lib.data import Augment, TensorBatchLoader, random_crop_flip
+from cpq_lib.data.sources import ImageTensors
+
+
+def _tensors(n=10):
+    images = torch.arange(n * 3 * 4 * 4, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, 3, 4, 4)
+    return ImageTensors(images, torch.arange(n) % 3)
+
+
+def test_batches_cover_every_image_once_in_range():
+    loader = TensorBatchLoader(_tensors(), batch_size=4, shuffle=True, seed=1)
+    seen = torch.cat([labels for _, labels in loader])
+    images = torch.cat([x for x, _ in loader])
+    assert len(loader) == 3 and seen.shape == (10,) and images.shape == (10, 3, 4, 4)
+    assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    def order(seed, epoch):
+        loader = TensorBatchLoader(_tensors(), batch_size=10, shuffle=True, augment=Augment(1, True), seed=seed)
+        loader.set_epoch(epoch)
+        return next(iter(loader))[0]
+
+    assert torch.equal(order(0, 3), order(0, 3))
+    assert not torch.equal(order(0, 3), order(0, 4))
+    assert not torch.equal(order(1, 3), order(0, 3))
+
+
+def test_crop_without_padding_and_flip_is_identity():
+    images = _tensors().images
+    assert torch.equal(random_crop_flip(images, Augment(0, False), torch.Generator().manual_seed(0)), images)
+
+
+def test_crop_is_a_shifted_window_of_the_padded_image():
+    images = _tensors(64).images
+    out = random_crop_flip(images, Augment(pad=1, flip=False), torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    windows = {(dy, dx): padded[:, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)}
+    for index in range(64):
+        matches = [k for k, w in windows.items() if torch.equal(w[index], out[index])]
+        assert matches, f"image {index} is not a crop of its padded original"
+    assert len({next(k for k, w in windows.items() if torch.equal(w[i], out[i])) for i in range(64)}) > 1
+
+
+def test_flip_mirrors_some_images_exactly():
+    images = _tensors(64).images
+    out = random_crop_flip(images, Augment(pad=0, flip=True), torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], images[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], images[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_per_class_and_calibration_loaders(digits):
+    loader = digits.per_class_loader(5, split="val", seed=0)
+    labels = torch.cat([y for _, y in loader])
+    assert torch.bincount(labels).tolist() == [5] * 10
+    calibration = torch.cat([x for x, _ in digits.calibration_loader(100, seed=0)])
+    train = digits.train.images.float().div(255).flatten(1)
+    # every calibration image is a training image (never validation or test)
+    assert all((train == image.flatten()).all(dim=1).any() for image in calibration[:20])

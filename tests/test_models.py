@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from cpq_lib.errors import CheckpointError, ModelError
+from cpq_lib.models import MODELS, build_model, count_parameters, load_checkpoint, load_pretrained, save_checkpoint
+
+
+@pytest.mark.parametrize("name,kwargs,shape,params", [
+    ("digits_cnn", {"in_channels": 1}, (2, 1, 8, 8), 24_058),
+    ("resnet20", {}, (2, 3, 32, 32), 272_474),
+    ("vgg_small", {}, (2, 3, 32, 32), 4_660_106),
+])
+def test_models_build_and_run(name, kwargs, shape, params):
+    model = build_model(name, 10, **kwargs).eval()
+    assert model(torch.rand(shape)).shape == (2, 10)
+    assert count_parameters(model) == params
+
+
+def test_width_multiplier_and_class_count():
+    wide = build_model("resnet20", 100, width=5)
+    assert wide.conv1.out_channels == 80 and wide.layer3[0].conv1.out_channels == 320 and wide.fc.out_features == 100
+
+
+def test_unknown_model_and_bad_arguments():
+    with pytest.raises(ModelError, match="unknown model 'resnet18'.*resnet20"):
+        build_model("resnet18", 10)
+    with pytest.raises(ModelError, match="positive integer, got 0"):
+        build_model("resnet20", 0)
+    with pytest.raises(ModelError, match="bad arguments"):
+        build_model("digits_cnn", 10, colour=True)
+    assert set(MODELS) >= {"digits_cnn", "resnet20", "vgg_small"}
+
+
+def _card(**extra):
+    return {"model": "digits_cnn", "model_kwargs": {"num_classes": 10, "in_channels": 1}, **extra}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model("digits_cnn", 10, in_channels=1)
+    save_checkpoint(model, tmp_path / "m.pt", _card(epochs=3))
+    loaded, card = load_checkpoint(tmp_path / "m.pt", model="digits_cnn", num_classes=10)
+    assert card["epochs"] == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_checkpoint_errors(tmp_path):
+    model = build_model("digits_cnn", 10, in_channels=1)
+    path = tmp_path / "m.pt"
+    save_checkpoint(model, path, _card())
+    with pytest.raises(CheckpointError, match="holds model 'digits_cnn', not the requested 'resnet20'"):
+        load_checkpoint(path, model="resnet20")
+    with pytest.raises(CheckpointError, match="class count mismatch.*10 classes.*100"):
+        load_checkpoint(path, num_classes=100)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="model_kwargs"):
+        save_checkpoint(model, tmp_path / "x.pt", {"model": "digits_cnn"})
+
+
+def test_corrupted_and_truncated_checkpoints(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(build_model("digits_cnn", 10, in_channels=1), path, _card())
+    blob = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 100)
+    for name in ("truncated.pt", "garbage.pt"):
+        with pytest.raises(CheckpointError, match="corrupted"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_architecture_mismatch(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(build_model("digits_cnn", 10, in_channels=1, width=2.0),
+                    path, _card())  # card says width 1: weights do not fit
+    with pytest.raises(CheckpointError, match="does not match architecture"):
+        load_checkpoint(path)
+
+
+class Gadget:  # an arbitrary object: must never be unpickled from a checkpoint
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cpq-checkpoint/1", "card": Gadget(), "state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(path)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="format None"):
+        load_checkpoint(plain)
+
+
+def test_missing_pretrained_lists_what_exists():
+    with pytest.raises(CheckpointError, match="no shipped checkpoint for 'vgg_small' on 'cifar100'"):
+        load_pretrained("vgg_small", "cifar100")
+
+
+def test_card_must_be_plain_json(tmp_path):
+    with pytest.raises(CheckpointError, match="JSON values only"):
+        save_checkpoint(build_model("digits_cnn", 10, in_channels=1), tmp_path / "m.pt", _card(extra=Gadget()))
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,45 @@
+import nbformat
+import pytest
+
+from cpq_lib import runner
+
+
+def test_selection_and_unknown_selection():
+    assert [p.name for p in runner.notebook_paths(["01"])] == ["01_baseline.ipynb"]
+    with pytest.raises(SystemExit, match="no notebook matches"):
+        runner.notebook_paths(["99"])
+
+
+def test_bad_arguments_exit_with_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--profile", "cifar10", "--store"])
+    assert exit_info.value.code == 2 and "--store" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--data-root", str(tmp_path / "missing.zip")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--profile", "huge"])
+
+
+def test_clean_stored_notebook_drops_paths_and_timings(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["papermill"] = {"input_path": "/somewhere/x.ipynb"}
+    cell = nbformat.v4.new_code_cell("1")
+    cell.metadata["papermill"] = {"duration": 1.0}
+    cell.metadata["execution"] = {"iopub.status.busy": "2026"}
+    notebook.cells.append(cell)
+    path = tmp_path / "n.ipynb"
+    nbformat.write(notebook, path)
+    runner.clean_stored_notebook(path)
+    cleaned = nbformat.read(path, as_version=4)
+    assert "papermill" not in cleaned.metadata and cleaned.cells[0].metadata == {}
+
+
+@pytest.mark.slow
+def test_runner_executes_notebook_and_writes_figures(tmp_path):
+    timings = runner.run("quick", None, "cpu", tmp_path / "run", tmp_path / "figures", ["01"])
+    assert [name for name, _ in timings] == ["01_baseline.ipynb"]
+    assert (tmp_path / "run" / "notebooks" / "01_baseline.ipynb").is_file()
+    assert (tmp_path / "run" / "01_baseline.json").is_file()
+    written = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert written == ["01_learning_curve.pdf", "01_learning_curve.png", "01_per_class_accuracy.pdf", "01_per_class_accuracy.png"]

@@ -1,0 +1,149 @@
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cpq_lib.config import make_config
+from cpq_lib.data.sources import ImageTensors
+from cpq_lib.data import TensorBatchLoader
+from cpq_lib.errors import CheckpointError
+from cpq_lib.models import build_model, read_checkpoint
+from cpq_lib.train import evaluate, learning_rate, train_model
+
+
+def test_onecycle_rises_then_anneals():
+    lrs = [learning_rate(s, 100, 0.1, "onecycle") for s in range(100)]
+    assert lrs[0] == pytest.approx(0.004) and max(lrs) == pytest.approx(0.1)
+    assert lrs.index(max(lrs)) == 15 and lrs[-1] < 1e-3
+    assert all(a <= b for a, b in zip(lrs[:15], lrs[1:16])) and all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
+
+
+def test_cosine_step_constant():
+    assert learning_rate(0, 100, 0.2, "cosine") == pytest.approx(0.2)
+    assert learning_rate(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert learning_rate(0, 100, 0.2, "cosine", warmup_steps=10) == pytest.approx(0.02)
+    assert [learning_rate(s, 100, 1.0, "step") for s in (0, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
+    assert learning_rate(99, 100, 0.3, "constant") == 0.3
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        learning_rate(0, 10, 0.1, "linear")
+
+
+class Always(nn.Module):
+    def __init__(self, label: int, classes: int) -> None:
+        super().__init__()
+        self.label, self.classes = label, classes
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], self.classes)
+        logits[:, self.label] = 1.0
+        return logits
+
+
+def test_evaluate_per_class_accuracy_and_loss():
+    data = ImageTensors(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 2, 2]))
+    result = evaluate(Always(0, 3), TensorBatchLoader(data, 4), num_classes=3)
+    assert result.accuracy == pytest.approx(0.5) and result.per_class_accuracy == [1.0, 0.0, 0.0]
+    expected_loss = -math.log(math.e / (math.e + 2))
+    assert result.count == 6 and result.per_class_count == [3, 1, 2]
+    assert result.loss == pytest.approx((3 * expected_loss + 3 * -math.log(1 / (math.e + 2))) / 6)
+    with pytest.raises(ValueError, match="class count mismatch"):
+        evaluate(Always(0, 3), TensorBatchLoader(data, 4), num_classes=4)
+
+
+def test_training_learns_digits(digits):
+    config = make_config("quick", {"train.epochs": 8})
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, in_channels=1)
+    result = train_model(model, digits, config.train, seed=0, progress=False)
+    assert len(result.history) == 8 and result.history[-1]["val_accuracy"] > 0.9
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_resume_refuses_other_settings_and_corrupted_state(digits, tmp_path):
+    config = make_config("quick", {"train.epochs": 2})
+    model = build_model("digits_cnn", 10, in_channels=1)
+    state = tmp_path / "state.pt"
+    train_model(model, digits, config.train, seed=0, state_path=state, progress=False)
+    with pytest.raises(CheckpointError, match="different seed"):
+        train_model(model, digits, config.train, seed=1, state_path=state, progress=False)
+    other = make_config("quick", {"train.epochs": 2, "train.lr": 0.01})
+    with pytest.raises(CheckpointError, match="different train_config"):
+        train_model(model, digits, other.train, seed=0, state_path=state, progress=False)
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train_model(model, digits, config.train, seed=0, state_path=state, progress=False)
+
+
+# --- resume after SIGKILL: real subprocesses, compared bit for bit with an uninterrupted run ----------
+
+DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    import torch
+    import cpq_lib.train.trainer as trainer
+    from cpq_lib.fileio import atomic_path
+    from cpq_lib.train.__main__ import main
+
+    mode, kill_epoch = sys.argv[1], int(sys.argv[2])
+    real_save = trainer.atomic_torch_save
+
+    def killing_save(payload, path):
+        if payload["epoch"] != kill_epoch:
+            return real_save(payload, path)
+        if mode == "after-epoch":
+            real_save(payload, path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        with atomic_path(path) as tmp:  # "during-write": die with a half-written temporary file
+            torch.save(payload, tmp)
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.atomic_torch_save = killing_save
+    main(sys.argv[3:])
+''')
+
+EPOCHS = 5
+
+
+def _cli(out: Path) -> list[str]:
+    return ["--profile", "quick", "--out", str(out), "--set", f"train.epochs={EPOCHS}", "--no-progress"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = _run(["-m", "cpq_lib.train", *_cli(out)], out)
+    assert done.returncode == 0, done.stderr
+    return read_checkpoint(out / "model.pt")["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,kill_epoch", [("after-epoch", 2), ("during-write", 3)])
+def test_killed_training_resumes_to_identical_weights(tmp_path, uninterrupted, mode, kill_epoch):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    out = tmp_path / "run"
+    killed = _run([str(driver), mode, str(kill_epoch), *_cli(out)], tmp_path)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "model.pt").exists()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == (kill_epoch if mode == "after-epoch" else kill_epoch - 1)
+    if mode == "during-write":
+        assert list(out.glob(".state.pt.*.tmp")), "the half-written temporary file should be left beside state.pt"
+    resumed = _run(["-m", "cpq_lib.train", *_cli(out)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final = read_checkpoint(out / "model.pt")
+    assert final["card"]["epochs"] == EPOCHS and len(final["card"]["history"]) == EPOCHS
+    assert final["state_dict"].keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(final["state_dict"][key], value), f"{key} differs after resuming"
