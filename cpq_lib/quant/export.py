@@ -1,0 +1,186 @@
+"""Export a quantized model as packed integer codes: one compact file, no pickle.
+
+Layout: ``b"CPQPACK1"``, a little-endian uint32 header length, a zlib-compressed JSON header listing
+the entries (name, dtype, shape) in order, then the entries' raw bytes back to back. Weight codes are
+packed at each channel's own bit-width (LSB first); everything else is stored as the metrics module's
+size formula counts it, so the file size tracks ``metrics.model_size_bits`` up to the header.
+Loading needs a quantized model of the same structure (built and ``quantize_``-d like the original);
+its outputs then match the exported fake-quantized model exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..fileio import atomic_path
+from .modules import QuantizedLayer
+from .metrics import float_state_items
+from .primitives import dequantize_codes, integer_range
+from .transform import quantized_layers
+
+MAGIC = b"CPQPACK1"
+DTYPES = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16, "float32": np.float32}
+
+
+def _offsets(bits: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Per-channel offset that maps codes to unsigned values (code - qmin); sign codes map to 0/1 below."""
+    qmin, _ = integer_range(bits, signed)
+    return qmin
+
+
+def pack_codes(codes: torch.Tensor, bits: torch.Tensor, signed: bool) -> np.ndarray:
+    """Pack a (out, per_channel) matrix of integer codes at per-row bit-widths into bytes."""
+    rows, per_row = codes.shape
+    unsigned = codes - _offsets(bits, signed)[:, None]
+    binary = (bits == 1) & signed
+    unsigned = torch.where(binary[:, None], (codes + 1) / 2, unsigned)
+    widths = bits.repeat_interleave(per_row).numpy()
+    values = unsigned.flatten().round().to(torch.int64).numpy()
+    planes = ((values[:, None] >> np.arange(16)) & 1).astype(bool)
+    stream = planes[np.arange(16)[None, :] < widths[:, None]]
+    return np.packbits(stream, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, bits: torch.Tensor, per_row: int, signed: bool) -> torch.Tensor:
+    widths = bits.repeat_interleave(per_row).numpy()
+    mask = np.arange(16)[None, :] < widths[:, None]
+    stream = np.unpackbits(packed, bitorder="little", count=int(widths.sum())).astype(bool)
+    planes = np.zeros(mask.shape, dtype=bool)
+    planes[mask] = stream
+    values = torch.from_numpy((planes * (1 << np.arange(16))).sum(axis=1).astype(np.float32)).view(len(bits), per_row)
+    codes = values + _offsets(bits, signed)[:, None]
+    binary = (bits == 1) & signed
+    return torch.where(binary[:, None], values * 2 - 1, codes)
+
+
+def _layer_entries(name: str, layer: QuantizedLayer) -> dict[str, np.ndarray]:
+    q = layer.weight_quantizer
+    weight = layer.weight.detach().cpu()
+    codes = q.codes(layer.weight.detach()).cpu().reshape(weight.shape[0], -1)
+    entries = {
+        f"{name}:codes": pack_codes(codes, q.bits.cpu(), q.symmetric),
+        f"{name}:bits": q.bits.cpu().numpy().astype(np.uint8),
+        f"{name}:scale": q.scale.detach().cpu().numpy().astype(np.float32),
+    }
+    if q.zero_point is not None:
+        entries[f"{name}:zero_point"] = q.zero_point.cpu().numpy().astype(np.int16)
+    if q.granularity == "block":
+        entries[f"{name}:row_groups"] = q.row_groups.cpu().numpy().astype(np.int16)
+        entries[f"{name}:col_groups"] = q.col_groups.cpu().numpy().astype(np.int16)
+    if layer.bias is not None:
+        entries[f"{name}:bias"] = layer.bias.detach().cpu().numpy().astype(np.float32)
+    a = layer.input_quantizer
+    if a is not None and a.enabled:
+        entries[f"{name}:act_scale"] = np.array([float(a.scale)], dtype=np.float32)
+        entries[f"{name}:act_info"] = np.array([int(a.bits), int(a.signed)], dtype=np.int8)
+        if not a.symmetric:
+            entries[f"{name}:act_zero_point"] = np.array([int(a.zero_point)], dtype=np.int16)
+    return entries
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
+    """Write ``model`` (quantized) to ``path``; returns the file size in bytes."""
+    entries: dict[str, np.ndarray] = {}
+    for name, layer in quantized_layers(model):
+        entries.update(_layer_entries(name, layer))
+    for key, value in float_state_items(model).items():
+        entries[key] = value.detach().cpu().float().numpy()
+    header = {"format": "cpq-packed/1", "meta": meta or {},
+              "entries": [[key, str(array.dtype), list(array.shape)] for key, array in entries.items()]}
+    blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+            for array in entries.values():
+                handle.write(np.ascontiguousarray(array).tobytes())
+    return Path(path).stat().st_size
+
+
+def read_packed(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Parse a packed file into named arrays, with clear errors for anything malformed."""
+    data = Path(path).read_bytes() if Path(path).is_file() else None
+    if data is None:
+        raise CheckpointError(f"packed model {path} does not exist")
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise CheckpointError(f"{path} is not a cpq packed model (bad magic)")
+    (length,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(zlib.decompress(data[start:start + length]))
+    except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupted header ({exc})") from exc
+    offset, arrays = start + length, {}
+    for key, dtype, shape in header["entries"]:
+        if dtype not in DTYPES and dtype != "uint8":
+            raise CheckpointError(f"{path}: entry {key!r} has unsupported dtype {dtype!r}")
+        count = int(np.prod(shape)) if shape else 1
+        size = count * np.dtype(DTYPES[dtype]).itemsize
+        if offset + size > len(data):
+            raise CheckpointError(f"{path} is truncated: entry {key!r} needs {size} bytes at offset {offset}")
+        arrays[key] = np.frombuffer(data, dtype=DTYPES[dtype], count=count, offset=offset).reshape(shape).copy()
+        offset += size
+    if offset != len(data):
+        raise CheckpointError(f"{path}: {len(data) - offset} unexpected trailing bytes")
+    return arrays, header.get("meta", {})
+
+
+@torch.no_grad()
+def import_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a packed file into a quantized model of the same structure (in place)."""
+    arrays, _ = read_packed(path)
+    layers = dict(quantized_layers(model))
+    packed_layers = {key.split(":")[0] for key in arrays if ":" in key}
+    if packed_layers != set(layers):
+        raise CheckpointError(f"{path} does not fit this model: layers differ "
+                              f"(only in file: {sorted(packed_layers - set(layers))[:3]}, only in model: {sorted(set(layers) - packed_layers)[:3]})")
+    for name, layer in layers.items():
+        q = layer.weight_quantizer
+        bits = torch.from_numpy(arrays[f"{name}:bits"].astype(np.int64))
+        if bits.shape != q.bits.shape:
+            raise CheckpointError(f"{path}: layer {name!r} has {bits.numel()} channels, the model {q.bits.numel()}")
+        if f"{name}:row_groups" in arrays:
+            q.set_groups(torch.from_numpy(arrays[f"{name}:row_groups"].astype(np.int64)),
+                         torch.from_numpy(arrays[f"{name}:col_groups"].astype(np.int64)))
+        scale = torch.from_numpy(arrays[f"{name}:scale"])
+        if scale.shape != q.scale.shape:
+            raise CheckpointError(f"{path}: layer {name!r} has scales of shape {tuple(scale.shape)}, the model {tuple(q.scale.shape)}")
+        q.bits.copy_(bits)
+        q.scale.data.copy_(scale)
+        zero_point = None
+        if q.zero_point is not None:
+            q.zero_point.copy_(torch.from_numpy(arrays[f"{name}:zero_point"].astype(np.float32)))
+            zero_point = q._expand(q.zero_point)
+        per_row = layer.weight[0].numel()
+        codes = unpack_codes(arrays[f"{name}:codes"], bits, per_row, q.symmetric).view(layer.weight.shape)
+        layer.weight.data.copy_(dequantize_codes(codes, q._expand(q.scale), zero_point))
+        q.initialized.fill_(True)
+        if layer.bias is not None:
+            layer.bias.data.copy_(torch.from_numpy(arrays[f"{name}:bias"]))
+        a = layer.input_quantizer
+        if f"{name}:act_scale" in arrays and a is not None:
+            a.scale.data.fill_(float(arrays[f"{name}:act_scale"][0]))
+            bits_a, signed = (int(v) for v in arrays[f"{name}:act_info"])
+            a.bits.fill_(bits_a)
+            a.signed.fill_(signed)
+            if f"{name}:act_zero_point" in arrays:
+                a.zero_point.fill_(int(arrays[f"{name}:act_zero_point"][0]))
+            a.initialized.fill_(True)
+    rest = {key: torch.from_numpy(value) for key, value in arrays.items() if ":" not in key}
+    expected = float_state_items(model)
+    if set(rest) != set(expected):
+        raise CheckpointError(f"{path} does not fit this model: float entries differ "
+                              f"({sorted(set(rest) ^ set(expected))[:4]})")
+    state = model.state_dict()
+    for key, value in rest.items():
+        state[key].copy_(value.view(state[key].shape).to(state[key].dtype))
+    return model

@@ -1,0 +1,150 @@
+"""Operator and model metrics: average bits, BitOPs, size in bytes by formula, compression ratio.
+
+The size formula counts exactly what ``cpq_lib.quant.export`` writes:
+- quantized layer: each output channel's weights at its bit-width, the bit-width table (8 bits per
+  channel), one fp32 scale per block, a 16-bit zero point per block when asymmetric, the block maps
+  (16 bits per row and column) when the granularity is per block, the bias at 32 bits, and for the
+  input quantizer a 32-bit scale, a 16-bit zero point when asymmetric and 16 bits of bit-width/sign;
+- everything else needed to run the model (batch norm, full-precision layers, input normalisation) at
+  32 bits per value; bookkeeping buffers (``num_batches_tracked``) are not stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .modules import QuantizedLayer
+from .transform import quantizable_layers
+
+FLOAT_BITS = 32
+BITS_TABLE_BITS = 8
+SCALE_BITS = 32
+ZERO_POINT_BITS = 16
+GROUP_INDEX_BITS = 16
+ACT_HEADER_BITS = 16  # activation bit-width and sign flag, 8 bits each
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def is_quantizer_state(key: str) -> bool:
+    return ".weight_quantizer." in f".{key}" or ".input_quantizer." in f".{key}"
+
+
+@torch.no_grad()
+def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Per Conv2d/Linear: output positions per sample (H*W, or 1 for a Linear on flat inputs)."""
+    positions: dict[str, int] = {}
+    hooks = []
+    for name, module in quantizable_layers(model):
+        def hook(mod, inputs, output, name=name):
+            positions[name] = math.prod(output.shape[2:]) if isinstance(mod, nn.Conv2d) else math.prod(output.shape[1:-1])
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_input[:1])
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return positions
+
+
+def layer_storage_bits(layer: QuantizedLayer) -> dict[str, int]:
+    """Stored bits of one quantized layer, by component (see module docstring)."""
+    q = layer.weight_quantizer
+    per_channel = math.prod(layer.weight.shape[1:])
+    n_blocks = q.scale.numel()
+    parts = {
+        "weights": int(q.bits.sum()) * per_channel,
+        "bit_table": BITS_TABLE_BITS * layer.weight.shape[0],
+        "scales": SCALE_BITS * n_blocks,
+        "zero_points": ZERO_POINT_BITS * n_blocks if q.zero_point is not None else 0,
+        "block_maps": GROUP_INDEX_BITS * (q.row_groups.numel() + q.col_groups.numel()) if q.granularity == "block" else 0,
+        "bias": FLOAT_BITS * layer.bias.numel() if layer.bias is not None else 0,
+        "activation": 0,
+    }
+    a = layer.input_quantizer
+    if a is not None and a.enabled:
+        parts["activation"] = SCALE_BITS + ACT_HEADER_BITS + (0 if a.symmetric else ZERO_POINT_BITS)
+    return parts
+
+
+def float_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State entries stored at 32 bits: everything but quantized layers' weights/biases and quantizer state."""
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    items = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if is_bookkeeping(key) or is_quantizer_state(key) or (owner in quantized and leaf in ("weight", "bias")):
+            continue
+        items[key] = value
+    return items
+
+
+def layer_table(model: nn.Module, example_input: torch.Tensor) -> pd.DataFrame:
+    """One row per Conv2d/Linear: parameters, bits, MACs, BitOPs and stored bytes."""
+    positions = output_positions(model, example_input)
+    rows = []
+    for name, module in quantizable_layers(model):
+        out_channels = module.weight.shape[0]
+        per_channel = math.prod(module.weight.shape[1:])
+        macs_per_channel = positions[name] * per_channel
+        if isinstance(module, QuantizedLayer):
+            bits = module.weight_bits().double()
+            act = module.activation_bits()
+            storage = sum(layer_storage_bits(module).values())
+            row = {"quantized": True, "weight_bits": float(bits.mean()), "min_bits": int(bits.min()),
+                   "max_bits": int(bits.max()), "pruned_channels": int((bits == 0).sum()),
+                   "act_bits": act, "granularity": module.weight_quantizer.granularity,
+                   "scales": module.weight_quantizer.scale.numel(),
+                   "bitops": float((bits * macs_per_channel).sum()) * (act if act is not None else FLOAT_BITS)}
+        else:
+            storage = FLOAT_BITS * (module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
+            row = {"quantized": False, "weight_bits": float(FLOAT_BITS), "min_bits": FLOAT_BITS, "max_bits": FLOAT_BITS,
+                   "pruned_channels": 0, "act_bits": None, "granularity": "float", "scales": 0,
+                   "bitops": float(macs_per_channel * out_channels * FLOAT_BITS * FLOAT_BITS)}
+        rows.append({"layer": name, "type": type(module).__name__, "out_channels": out_channels,
+                     "groups": getattr(module, "groups", 1), "params": module.weight.numel(),
+                     "macs": macs_per_channel * out_channels, **row, "bytes": storage / 8})
+    return pd.DataFrame(rows).set_index("layer")
+
+
+def model_size_bits(model: nn.Module) -> int:
+    """Stored size of the whole model in bits (the formula; see module docstring)."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
+    layer_bits = sum(sum(layer_storage_bits(m).values()) for m in quantized)
+    other = sum(FLOAT_BITS * v.numel() for v in float_state_items(model).values())
+    return layer_bits + other
+
+
+def float_size_bits(model: nn.Module) -> int:
+    """Size of the same model with everything at 32 bits (the compression baseline)."""
+    return sum(FLOAT_BITS * v.numel() for k, v in model.state_dict().items()
+               if not is_bookkeeping(k) and not is_quantizer_state(k))
+
+
+def model_summary(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    """Model-level metrics: average weight bits (quantized layers, all layers), BitOPs, bytes, ratio."""
+    table = layer_table(model, example_input)
+    quantized = table[table["quantized"]]
+    weight_bit_sum = (quantized["weight_bits"] * quantized["params"]).sum()
+    all_bit_sum = weight_bit_sum + (table.loc[~table["quantized"], "params"] * FLOAT_BITS).sum()
+    act = quantized["act_bits"].dropna()
+    size = model_size_bits(model)
+    float_size = float_size_bits(model)
+    return {
+        "avg_weight_bits": float(weight_bit_sum / quantized["params"].sum()) if len(quantized) else float(FLOAT_BITS),
+        "avg_weight_bits_all_layers": float(all_bit_sum / table["params"].sum()),
+        "avg_act_bits": float((act * quantized.loc[act.index, "macs"]).sum() / quantized.loc[act.index, "macs"].sum()) if len(act) else None,
+        "quantized_layers": int(len(quantized)), "float_layers": int((~table["quantized"]).sum()),
+        "macs": int(table["macs"].sum()), "bitops": float(table["bitops"].sum()),
+        "size_bytes": size / 8, "float_size_bytes": float_size / 8, "compression_ratio": float_size / size,
+    }

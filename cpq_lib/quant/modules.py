@@ -1,0 +1,95 @@
+"""Quantized twins of Conv2d and Linear: an input (activation) quantizer, a weight quantizer, a weight cache.
+
+They subclass the float modules, so ``weight``/``bias`` keep their names and code that looks for
+Conv2d/Linear still finds them. In eval mode the fake-quantized weight is computed once and reused
+until the weight, its scales or its bit-widths change (tracked by tensor version counters), so
+quantized inference costs about what float inference costs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import ActivationQuantizer, WeightQuantizer
+
+
+class QuantizedLayer:
+    """Mixin: weight quantization, caching and operator metrics shared by QConv2d and QLinear."""
+
+    weight: nn.Parameter
+    weight_quantizer: WeightQuantizer
+    input_quantizer: ActivationQuantizer | None
+
+    def _init_quant(self, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer | None) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _cache_key(self) -> tuple:
+        q = self.weight_quantizer
+        tensors = [self.weight, q.scale, q.bits, q.row_groups, q.col_groups]
+        if q.zero_point is not None:
+            tensors.append(q.zero_point)
+        return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in tensors)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight; cached when no gradient is needed."""
+        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+            self._cache = None
+            return self.weight_quantizer(self.weight)
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.weight_quantizer(self.weight))
+        return self._cache[1]
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    # --- operator metrics -------------------------------------------------------------------------
+    def weight_bits(self) -> torch.Tensor:
+        return self.weight_quantizer.bits.detach().cpu()
+
+    def activation_bits(self) -> int | None:
+        if self.input_quantizer is None or not self.input_quantizer.enabled:
+            return None
+        return int(self.input_quantizer.bits)
+
+    def params_per_channel(self) -> int:
+        return math.prod(self.weight.shape[1:])
+
+
+class QConv2d(QuantizedLayer, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: WeightQuantizer,
+                   input_quantizer: ActivationQuantizer | None) -> "QConv2d":
+        """Wrap ``conv``'s own weight and bias tensors (shared, not copied)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        new._init_quant(weight_quantizer, input_quantizer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QLinear(QuantizedLayer, nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: WeightQuantizer,
+                   input_quantizer: ActivationQuantizer | None) -> "QLinear":
+        """Wrap ``linear``'s own weight and bias tensors (shared, not copied)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        new._init_quant(weight_quantizer, input_quantizer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)

@@ -1,0 +1,349 @@
+"""Weight and activation quantizers: small modules that hold scales and bit-widths and call the primitive.
+
+A weight quantizer's ``scale`` has shape ``(n_V, n_H)``: (1, 1) per tensor, (C_out, 1) per output
+channel, anything else per block of output x input channels (PTQ-SL's sub-layerwise granularity).
+Which block a row or column belongs to is an index vector (``row_groups``, ``col_groups``), so PTQ-SL's
+channel reordering is a different grouping, not a permutation of the weights: the network computes the
+same function with no permutation to undo.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .primitives import (
+    MAX_BITS, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
+    max_scale, quantize_to_codes,
+)
+
+GRANULARITIES = ("tensor", "channel", "block")
+SCALE_INITS = ("max", "mse")
+MSE_GRID = (0.01, 1.2, 100)  # PTQ-SL's candidate range: scale0 * (alpha + i * (beta - alpha) / n)
+
+
+def check_bits(bits: torch.Tensor | int, where: str = "bits") -> torch.Tensor:
+    """Bit-widths as an int tensor, or a ValueError naming the bad values (allowed: integers 0..16)."""
+    tensor = torch.as_tensor(bits)
+    if tensor.is_floating_point():
+        if not torch.equal(tensor, tensor.round()):
+            raise ValueError(f"{where}: bit-widths must be integers, got {tensor[tensor != tensor.round()][:5].tolist()}")
+        tensor = tensor.long()
+    bad = tensor[(tensor < 0) | (tensor > MAX_BITS)]
+    if bad.numel():
+        raise ValueError(f"{where}: bit-widths must lie in 0..{MAX_BITS}, got {bad[:5].tolist()}")
+    return tensor.long()
+
+
+def contiguous_groups(length: int, groups: int) -> torch.Tensor:
+    """Assign ``length`` rows to ``groups`` contiguous, nearly equal groups."""
+    if not 1 <= groups <= length:
+        raise ValueError(f"number of groups must be in 1..{length}, got {groups}")
+    return (torch.arange(length) * groups) // length
+
+
+def block_reduce(values: torch.Tensor, row_groups: torch.Tensor, col_groups: torch.Tensor, shape: tuple[int, int],
+                 reduce: str) -> torch.Tensor:
+    """Reduce a (rows, cols) matrix over the blocks given by group indices -> ``shape``."""
+    n_v, n_h = shape
+    index = (row_groups[:, None] * n_h + col_groups[None, :]).flatten()
+    out = torch.zeros(n_v * n_h, dtype=values.dtype, device=values.device)
+    if reduce == "count":
+        return out.index_add_(0, index, torch.ones_like(values.flatten())).view(shape)
+    return out.scatter_reduce_(0, index, values.flatten(), reduce=reduce, include_self=False).view(shape)
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a weight (out, ...) with per-output-channel bit-widths and per-tensor/channel/block scales."""
+
+    def __init__(self, weight_shape: Sequence[int], bits: int | torch.Tensor = 8, granularity: str = "channel",
+                 blocks: tuple[int, int] | None = None, symmetric: bool = True, learnable: bool = False,
+                 init: str = "max") -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+        if init not in SCALE_INITS:
+            raise ValueError(f"unknown scale initialisation {init!r}; allowed: {', '.join(SCALE_INITS)}")
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        rows, cols = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if granularity == "tensor":
+            n_v, n_h = 1, 1
+        elif granularity == "channel":
+            n_v, n_h = rows, 1
+        else:
+            if blocks is None:
+                raise ValueError("granularity 'block' needs blocks=(output groups, input groups)")
+            n_v, n_h = blocks
+        self.symmetric = symmetric
+        self.learnable = learnable
+        self.init_method = init
+        bits_tensor = check_bits(bits).expand(rows).clone() if check_bits(bits).dim() == 0 else check_bits(bits)
+        if bits_tensor.shape != (rows,):
+            raise ValueError(f"weight bits must be a scalar or one per output channel ({rows}), got shape {tuple(bits_tensor.shape)}")
+        self.register_buffer("bits", bits_tensor.to(torch.int64))
+        self.register_buffer("row_groups", contiguous_groups(rows, n_v))
+        self.register_buffer("col_groups", contiguous_groups(cols, n_h))
+        scale = torch.ones(n_v, n_h)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", None if symmetric else torch.zeros(n_v, n_h))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # --- shape helpers -------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return int(self.scale.shape[0]), int(self.scale.shape[1])
+
+    @property
+    def granularity(self) -> str:
+        n_v, n_h = self.blocks
+        if (n_v, n_h) == (1, 1):
+            return "tensor"
+        if n_h == 1 and n_v == self.weight_shape[0] and torch.equal(self.row_groups, torch.arange(n_v, device=self.row_groups.device)):
+            return "channel"
+        return "block"
+
+    def _expand(self, block_values: torch.Tensor) -> torch.Tensor:
+        """Block values (n_V, n_H) -> a tensor broadcastable against the weight."""
+        ones = (1,) * (len(self.weight_shape) - 1)
+        if block_values.shape[1] == 1:
+            return block_values[self.row_groups].view(self.weight_shape[0], *ones)
+        return block_values[self.row_groups][:, self.col_groups].view(self.weight_shape)
+
+    def _rows(self, row_values: torch.Tensor) -> torch.Tensor:
+        return row_values.view(self.weight_shape[0], *(1,) * (len(self.weight_shape) - 1))
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qmin, qmax, binary mask) broadcastable against the weight."""
+        qmin, qmax = integer_range(self.bits, self.symmetric)
+        binary = binary_mask(self.bits, self.symmetric)
+        return (self._rows(qmin.to(self.scale.device)), self._rows(qmax.to(self.scale.device)),
+                None if binary is None else self._rows(binary))
+
+    # --- bits and scales -----------------------------------------------------------------------------
+    def set_bits(self, bits: int | torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        new = check_bits(bits)
+        new = new.expand(self.weight_shape[0]) if new.dim() == 0 else new
+        if new.shape != self.bits.shape:
+            raise ValueError(f"expected {self.bits.numel()} per-channel bit-widths, got {new.numel()}")
+        self.bits.copy_(new)
+        if weight is not None:
+            self.initialize(weight)
+
+    def set_groups(self, row_groups: torch.Tensor, col_groups: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> None:
+        """Regroup rows (and columns) into blocks, e.g. after sorting channels by range (PTQ-SL reordering)."""
+        rows = torch.as_tensor(row_groups, dtype=torch.long)
+        cols = self.col_groups if col_groups is None else torch.as_tensor(col_groups, dtype=torch.long)
+        n_v, n_h = int(rows.max()) + 1, int(cols.max()) + 1
+        if rows.shape != self.row_groups.shape or cols.shape != self.col_groups.shape:
+            raise ValueError("group vectors must have one entry per weight row and per flattened input column")
+        self.row_groups, self.col_groups = rows.to(self.bits.device), cols.to(self.bits.device)
+        scale = torch.ones(n_v, n_h, device=self.bits.device)
+        if self.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.scale = scale
+        if self.zero_point is not None:
+            self.zero_point = torch.zeros(n_v, n_h, device=self.bits.device)
+        if weight is not None:
+            self.initialize(weight)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor, method: str | None = None) -> None:
+        """Set scales (and zero points) from ``weight``: by max, or by the MSE-minimising multiple of it."""
+        method = method or self.init_method
+        w2d = weight.detach().reshape(self.weight_shape[0], -1).float()
+        shape = self.blocks
+        block_bits = block_reduce(self.bits.float()[:, None].expand_as(w2d), self.row_groups, self.col_groups, shape, "amax")
+        if self.symmetric:
+            absmax = block_reduce(w2d.abs(), self.row_groups, self.col_groups, shape, "amax")
+            scale = max_scale(absmax, block_bits, signed=True)
+            mean_abs = block_reduce(w2d.abs(), self.row_groups, self.col_groups, shape, "mean")
+            scale = torch.where(block_bits == 1, mean_abs, scale)  # sign grid: s = mean |w|
+            zero_point = None
+        else:
+            low = block_reduce(w2d, self.row_groups, self.col_groups, shape, "amin")
+            high = block_reduce(w2d, self.row_groups, self.col_groups, shape, "amax")
+            scale, zero_point = asymmetric_params(low, high, block_bits)
+        if method == "mse":
+            scale = self._mse_search(weight.detach().float(), scale, zero_point)
+            if zero_point is not None:  # keep the zero point consistent with the chosen scale
+                _, zero_point = self._zero_point_for(weight, scale, block_bits)
+        self.scale.data.copy_(scale)
+        if zero_point is not None:
+            self.zero_point.copy_(zero_point)
+        self.initialized.fill_(True)
+
+    def _zero_point_for(self, weight, scale, block_bits):
+        w2d = weight.detach().reshape(self.weight_shape[0], -1).float()
+        low = block_reduce(w2d, self.row_groups, self.col_groups, self.blocks, "amin").clamp_max(0.0)
+        _, qmax = integer_range(block_bits, signed=False)
+        return scale, torch.clamp(torch.round(-low / scale), torch.zeros_like(qmax), qmax)
+
+    def _mse_search(self, weight: torch.Tensor, scale0: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+        alpha, beta, steps = MSE_GRID
+        qmin, qmax, binary = self.grid()
+        zp = None if zero_point is None else self._expand(zero_point)
+        best_error = torch.full_like(scale0, float("inf"))
+        best = scale0.clone()
+        for i in range(steps + 1):
+            candidate = scale0 * (alpha + i * (beta - alpha) / steps)
+            error = (fake_quantize(weight, self._expand(candidate), zp, qmin, qmax, binary) - weight) ** 2
+            block_error = block_reduce(error.reshape(self.weight_shape[0], -1), self.row_groups, self.col_groups, self.blocks, "sum")
+            better = block_error < best_error
+            best = torch.where(better, candidate, best)
+            best_error = torch.where(better, block_error, best_error)
+        return best
+
+    # --- forward -------------------------------------------------------------------------------------
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.initialize(weight)
+        qmin, qmax, binary = self.grid()
+        zero_point = None if self.zero_point is None else self._expand(self.zero_point)
+        factor = lsq_grad_factor(weight[0].numel(), float(qmax.max())) if self.learnable else 1.0
+        return fake_quantize(weight, self._expand(self.scale), zero_point, qmin, qmax, binary, factor)
+
+    @torch.no_grad()
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``weight`` (for export)."""
+        qmin, qmax, binary = self.grid()
+        zero_point = None if self.zero_point is None else self._expand(self.zero_point)
+        return quantize_to_codes(weight, self._expand(self.scale), zero_point, qmin, qmax, binary)
+
+    def extra_repr(self) -> str:
+        bits = self.bits
+        return (f"granularity={self.granularity}, blocks={self.blocks}, bits={int(bits.min())}..{int(bits.max())}, "
+                f"symmetric={self.symmetric}, learnable={self.learnable}")
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a calibrated (max / MSE) or learnable (LSQ) clip.
+
+    ``signed=None`` decides at calibration: unsigned if every observed input is >= 0 (after ReLU),
+    signed otherwise (e.g. MobileNet's linear bottlenecks). ``bits=None`` disables it (full precision).
+    """
+
+    SAMPLE_PER_BATCH = 4096
+
+    def __init__(self, bits: int | None = 8, signed: bool | None = None, symmetric: bool = True,
+                 learnable: bool = False, init: str = "max") -> None:
+        super().__init__()
+        if init not in SCALE_INITS:
+            raise ValueError(f"unknown scale initialisation {init!r}; allowed: {', '.join(SCALE_INITS)}")
+        self.register_buffer("bits", torch.tensor(-1 if bits is None else int(check_bits(bits, "activation bits"))))
+        self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed)))
+        self.auto_sign = signed is None
+        self.symmetric = symmetric
+        self.learnable = learnable
+        self.init_method = init
+        if learnable:
+            self.scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.observing = False
+        self._reset_observations()
+
+    @property
+    def enabled(self) -> bool:
+        return int(self.bits) >= 0
+
+    @property
+    def is_signed(self) -> bool:
+        return int(self.signed) == 1
+
+    def set_bits(self, bits: int | None) -> None:
+        self.bits.fill_(-1 if bits is None else int(check_bits(bits, "activation bits")))
+        if self.initialized and self.enabled:
+            self._finalize()
+
+    def _reset_observations(self) -> None:
+        self._min, self._max = math.inf, -math.inf
+        self._samples: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        detached = x.detach()
+        self._min = min(self._min, float(detached.min()))
+        self._max = max(self._max, float(detached.max()))
+        flat = detached.flatten()
+        step = max(1, flat.numel() // self.SAMPLE_PER_BATCH)
+        self._samples.append(flat[::step][: self.SAMPLE_PER_BATCH].float().cpu())
+
+    def start_observing(self) -> None:
+        self._reset_observations()
+        self.observing = True
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Turn observations into sign, scale and zero point."""
+        self.observing = False
+        if self._max < self._min:
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        if self.auto_sign:
+            self.signed.fill_(1 if self._min < 0 else 0)
+        self._finalize()
+
+    def _grid(self) -> tuple[int, int]:
+        qmin, qmax = integer_range(int(self.bits), signed=self.is_signed and self.symmetric)
+        return int(qmin), int(qmax)
+
+    def _finalize(self) -> None:
+        bits = int(self.bits)
+        if bits < 0:
+            self.initialized.fill_(True)
+            return
+        low, high = min(self._min, 0.0), max(self._max, 0.0)
+        if self.symmetric:
+            absmax = torch.tensor(max(abs(low), abs(high)))
+            scale = max_scale(absmax, bits, signed=self.is_signed)
+            zero_point = torch.tensor(0.0)
+        else:
+            scale, zero_point = asymmetric_params(torch.tensor(low), torch.tensor(high), bits)
+        if self.init_method == "mse" and self._samples:
+            scale = self._mse_search(torch.cat(self._samples), scale, zero_point)
+        self.scale.data.fill_(float(scale))
+        self.zero_point.fill_(int(zero_point))
+        self.initialized.fill_(True)
+
+    def _mse_search(self, sample: torch.Tensor, scale0: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        alpha, beta, steps = MSE_GRID
+        qmin, qmax = self._grid()
+        zp = None if self.symmetric else zero_point
+        candidates = scale0 * (alpha + torch.arange(steps + 1) * (beta - alpha) / steps)
+        errors = [float(((fake_quantize(sample, c, zp, qmin, qmax) - sample) ** 2).sum()) for c in candidates]
+        return candidates[int(torch.tensor(errors).argmin())]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):  # lazily calibrate on the first batch seen
+            self.start_observing()
+            self.observe(x)
+            self.finish_observing()
+        bits = int(self.bits)
+        qmin, qmax = self._grid()
+        if self.learnable:
+            zp = None if self.symmetric else self.zero_point.float()
+            binary = torch.tensor(True) if (bits == 1 and self.is_signed and self.symmetric) else None
+            return fake_quantize(x, self.scale, zp, qmin, qmax, binary, lsq_grad_factor(x[0].numel(), qmax))
+        if bits == 1 and self.is_signed and self.symmetric:
+            return fake_quantize(x, self.scale, None, -1, 1, torch.tensor(True))
+        if bits == 0:
+            return torch.zeros_like(x)
+        return fake_quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        state = "off" if not self.enabled else f"bits={int(self.bits)}"
+        sign = {-1: "auto", 0: "unsigned", 1: "signed"}[int(self.signed)]
+        return f"{state}, {sign}, symmetric={self.symmetric}, learnable={self.learnable}"

@@ -1,0 +1,193 @@
+"""Config-driven model transforms: ``quantize_(model, config)``, BN folding, calibration, undo.
+
+Nothing here knows a model's name or layer indices: every Conv2d/Linear is replaced unless its module
+name matches an ``exclude`` pattern (``fnmatch`` style) or a positional token: ``@first`` / ``@last``
+are the first / last Conv2d-or-Linear in registration order (the stem and the classifier of
+torchvision-style CNNs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .modules import QConv2d, QLinear, QuantizedLayer
+from .quantizers import GRANULARITIES, SCALE_INITS, ActivationQuantizer, WeightQuantizer, check_bits
+
+DEFAULT_EXCLUDE = ("@first", "@last", "*shortcut*", "*downsample*")
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a model. ``act_bits=None`` leaves activations in full precision."""
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    granularity: str = "channel"           # tensor | channel | block
+    blocks: tuple[int, int] | None = None  # (output groups, input groups) for granularity "block"
+    symmetric: bool = True
+    weight_init: str = "max"               # max | mse
+    act_init: str = "max"                  # max | mse
+    act_signed: bool | None = None         # None: decided by calibration (unsigned after ReLU)
+    learnable_scales: bool = False         # LSQ-style learnable step sizes
+    fold_bn: bool = False                  # fold BatchNorm2d into the preceding conv first (eval-mode models)
+    exclude: tuple[str, ...] = field(default_factory=lambda: DEFAULT_EXCLUDE)
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity: {self.granularity!r} is not allowed; choose one of {list(GRANULARITIES)}")
+        if self.granularity == "block" and (self.blocks is None or len(self.blocks) != 2 or min(self.blocks) < 1):
+            raise ValueError(f"blocks: granularity 'block' needs two positive group counts, got {self.blocks!r}")
+        for name in ("weight_init", "act_init"):
+            if getattr(self, name) not in SCALE_INITS:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; choose one of {list(SCALE_INITS)}")
+        self.exclude = tuple(self.exclude)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Conv2d / Linear (quantized or not) with its module name, in registration order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantizedLayer)]
+
+
+def excluded_names(model: nn.Module, patterns: Iterable[str]) -> set[str]:
+    """Names of the Conv2d/Linear layers that ``patterns`` keep in full precision."""
+    names = [name for name, _ in quantizable_layers(model)]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == "@first" and names:
+            chosen.add(names[0])
+        elif pattern == "@last" and names:
+            chosen.add(names[-1])
+        elif pattern.startswith("@"):
+            raise ValueError(f"unknown exclude token {pattern!r}; allowed: @first, @last or an fnmatch pattern")
+        else:
+            chosen.update(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Replace every non-excluded Conv2d/Linear of ``model`` in place by QConv2d/QLinear; returns ``model``."""
+    config = config or QuantConfig()
+    if config.fold_bn:
+        fold_batchnorm_(model)
+    keep = excluded_names(model, config.exclude)
+    for name, module in quantizable_layers(model):
+        if name in keep or isinstance(module, QuantizedLayer):
+            continue
+        weight_quantizer = WeightQuantizer(module.weight.shape, config.weight_bits, config.granularity, config.blocks,
+                                           config.symmetric, config.learnable_scales, config.weight_init)
+        weight_quantizer.to(module.weight.device)
+        weight_quantizer.initialize(module.weight)
+        input_quantizer = None
+        if config.act_bits is not None:
+            input_quantizer = ActivationQuantizer(config.act_bits, config.act_signed, config.symmetric,
+                                                  config.learnable_scales, config.act_init).to(module.weight.device)
+        twin = QConv2d if isinstance(module, nn.Conv2d) else QLinear
+        _set_submodule(model, name, twin.from_float(module, weight_quantizer, input_quantizer))
+    return model
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None) -> nn.Module:
+    """Set activation scales (and signs) from calibration data (training data, never test)."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and m.enabled]
+    if not quantizers:
+        return model
+    was_training = model.training
+    model.eval()
+    for quantizer in quantizers:
+        quantizer.start_observing()
+    seen = 0
+    try:
+        for index, (images, _) in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            model(images.to(device))
+            seen += 1
+    finally:
+        for quantizer in quantizers:
+            quantizer.observing = False
+    if seen == 0:
+        raise ValueError("calibration data is empty")
+    for quantizer in quantizers:
+        quantizer.observing = True
+        quantizer.finish_observing()
+    model.train(was_training)
+    return model
+
+
+def reinitialize_weight_scales_(model: nn.Module, method: str | None = None) -> nn.Module:
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.initialize(layer.weight, method)
+    return model
+
+
+@torch.no_grad()
+def fold_batchnorm_(model: nn.Module) -> nn.Module:
+    """Fold each BatchNorm2d that directly follows a Conv2d (and is its only consumer) into it.
+
+    The graph comes from ``torch.fx`` so folding follows data flow, not naming conventions. The
+    BN becomes ``nn.Identity``; the conv gains a bias. Meant for eval-mode models (PTQ, export).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # tracing fails on data-dependent control flow
+        raise ValueError(f"cannot fold batch norm: torch.fx could not trace the model ({exc})") from exc
+    modules = dict(model.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if not (hasattr(source, "op") and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d)):
+            continue
+        if len(source.users) != 1:
+            continue
+        conv, bn = modules[source.target], modules[node.target]
+        if bn.running_mean is None:
+            continue
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(shift + (bias - bn.running_mean) * factor)
+        _set_submodule(model, node.target, nn.Identity())
+        folded += 1
+    for _, layer in quantized_layers(model):  # folded weights need new scales
+        layer.weight_quantizer.initialize(layer.weight)
+    return model
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Undo ``quantize_``: float Conv2d/Linear with the fake-quantized weights baked in, no quantizers."""
+    for name, layer in quantized_layers(model):
+        weight = layer.weight_quantizer(layer.weight.detach()).clone()
+        if isinstance(layer, QConv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                              padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                              bias=layer.bias is not None, padding_mode=layer.padding_mode, device=weight.device)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+        plain.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().clone())
+        plain.train(layer.training)
+        _set_submodule(model, name, plain)
+    return model
