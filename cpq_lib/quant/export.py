@@ -155,20 +155,20 @@ def import_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if scale.shape != q.scale.shape:
             raise CheckpointError(f"{path}: layer {name!r} has scales of shape {tuple(scale.shape)}, the model {tuple(q.scale.shape)}")
         q.bits.copy_(bits)
-        q.scale.data.copy_(scale)
+        q.scale.copy_(scale)
         zero_point = None
         if q.zero_point is not None:
             q.zero_point.copy_(torch.from_numpy(arrays[f"{name}:zero_point"].astype(np.float32)))
             zero_point = q._expand(q.zero_point)
         per_row = layer.weight[0].numel()
         codes = unpack_codes(arrays[f"{name}:codes"], bits, per_row, q.symmetric).view(layer.weight.shape)
-        layer.weight.data.copy_(dequantize_codes(codes, q._expand(q.scale), zero_point))
+        layer.weight.copy_(dequantize_codes(codes, q._expand(q.scale), zero_point))
         q.initialized.fill_(True)
         if layer.bias is not None:
-            layer.bias.data.copy_(torch.from_numpy(arrays[f"{name}:bias"]))
+            layer.bias.copy_(torch.from_numpy(arrays[f"{name}:bias"]))
         a = layer.input_quantizer
         if f"{name}:act_scale" in arrays and a is not None:
-            a.scale.data.fill_(float(arrays[f"{name}:act_scale"][0]))
+            a.scale.fill_(float(arrays[f"{name}:act_scale"][0]))
             bits_a, signed = (int(v) for v in arrays[f"{name}:act_info"])
             a.bits.fill_(bits_a)
             a.signed.fill_(signed)

@@ -175,7 +175,7 @@ class WeightQuantizer(nn.Module):
             scale = self._mse_search(weight.detach().float(), scale, zero_point)
             if zero_point is not None:  # keep the zero point consistent with the chosen scale
                 _, zero_point = self._zero_point_for(weight, scale, block_bits)
-        self.scale.data.copy_(scale)
+        self.scale.copy_(scale)
         if zero_point is not None:
             self.zero_point.copy_(zero_point)
         self.initialized.fill_(True)
@@ -260,10 +260,22 @@ class ActivationQuantizer(nn.Module):
     def is_signed(self) -> bool:
         return int(self.signed) == 1
 
+    @torch.no_grad()
     def set_bits(self, bits: int | None) -> None:
-        self.bits.fill_(-1 if bits is None else int(check_bits(bits, "activation bits")))
-        if self.initialized and self.enabled:
-            self._finalize()
+        """Change the bit-width, keeping the calibrated clip range (scale * qmax) when there is one."""
+        new = -1 if bits is None else int(check_bits(bits, "activation bits"))
+        old = int(self.bits)
+        if bool(self.initialized) and old >= 1 and new >= 1:
+            old_scale = float(self.scale)
+            _, old_qmax = self._grid()
+            self.bits.fill_(new)
+            _, new_qmax = self._grid()
+            self.scale.mul_(old_qmax / max(new_qmax, 1))
+            if not self.symmetric:
+                ratio = old_scale / max(float(self.scale), 1e-12)
+                self.zero_point.fill_(min(new_qmax, max(0, round(int(self.zero_point) * ratio))))
+        else:
+            self.bits.fill_(new)
 
     def _reset_observations(self) -> None:
         self._min, self._max = math.inf, -math.inf
@@ -295,6 +307,7 @@ class ActivationQuantizer(nn.Module):
         qmin, qmax = integer_range(int(self.bits), signed=self.is_signed and self.symmetric)
         return int(qmin), int(qmax)
 
+    @torch.no_grad()
     def _finalize(self) -> None:
         bits = int(self.bits)
         if bits < 0:
@@ -309,7 +322,7 @@ class ActivationQuantizer(nn.Module):
             scale, zero_point = asymmetric_params(torch.tensor(low), torch.tensor(high), bits)
         if self.init_method == "mse" and self._samples:
             scale = self._mse_search(torch.cat(self._samples), scale, zero_point)
-        self.scale.data.fill_(float(scale))
+        self.scale.fill_(float(scale))
         self.zero_point.fill_(int(zero_point))
         self.initialized.fill_(True)
 

@@ -1,0 +1,142 @@
+"""Properties of the fake-quantization primitive (hypothesis)."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from cpq_lib.quant.primitives import (
+    asymmetric_params, fake_quantize, fake_quantize_per_tensor, integer_range, max_scale,
+)
+
+FLOATS = st.floats(min_value=-100, max_value=100, allow_nan=False, allow_infinity=False, width=32)
+VECTORS = st.lists(FLOATS, min_size=1, max_size=64).map(lambda v: torch.tensor(v, dtype=torch.float32))
+SCALES = st.floats(min_value=0.0009765625, max_value=8.0, allow_nan=False, width=32)
+BITS = st.integers(min_value=2, max_value=16)
+
+
+def test_integer_ranges():
+    qmin, qmax = integer_range(torch.tensor([0, 1, 2, 4, 8, 16]), signed=True)
+    assert qmax.tolist() == [0, 1, 1, 7, 127, 32767] and torch.equal(qmin, -qmax)
+    qmin, qmax = integer_range(torch.tensor([0, 1, 2, 8]), signed=False)
+    assert qmax.tolist() == [0, 1, 3, 255] and qmin.tolist() == [0, 0, 0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(VECTORS, SCALES, BITS)
+def test_error_at_most_half_a_step_inside_the_range(x, scale, bits):
+    _, qmax = integer_range(bits, signed=True)
+    s = torch.tensor(scale)
+    inside = x.abs() <= float(qmax) * scale
+    out = fake_quantize(x, s, None, -qmax, qmax)
+    bound = scale / 2 + 1e-5 * (1 + x.abs())
+    assert ((out - x).abs()[inside] <= bound[inside]).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(VECTORS, SCALES, st.integers(min_value=0, max_value=16), st.booleans())
+def test_idempotent(x, scale, bits, signed):
+    qmin, qmax = integer_range(bits, signed)
+    binary = torch.tensor(bits == 1 and signed)
+    once = fake_quantize(x, torch.tensor(scale), None, qmin, qmax, binary)
+    assert torch.equal(fake_quantize(once, torch.tensor(scale), None, qmin, qmax, binary), once)
+
+
+@settings(max_examples=100, deadline=None)
+@given(VECTORS.filter(lambda v: float(v.abs().max()) > 1e-3))
+def test_max_scaled_bound_shrinks_with_bits(x):
+    """With the max scale every value is inside the range: error <= s_b / 2, and s_b halves per bit."""
+    absmax = x.abs().max()
+    previous = float("inf")
+    for bits in range(2, 17):
+        scale = max_scale(absmax, bits, signed=True)
+        qmin, qmax = integer_range(bits, signed=True)
+        error = (fake_quantize(x, scale, None, qmin, qmax) - x).abs().max()
+        assert float(error) <= float(scale) / 2 + 1e-5 * float(absmax)
+        assert float(scale) < previous
+        previous = float(scale)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 20), st.integers(0, 5), st.data())
+def test_channels_are_independent(channels, width, changed, data):
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    x = torch.randn(channels, width, generator=generator)
+    bits = torch.randint(0, 9, (channels, 1), generator=generator)
+    scale = x.abs().amax(1, keepdim=True) / 7 + 1e-3
+    qmin, qmax = integer_range(bits, signed=True)
+    binary = bits == 1
+    before = fake_quantize(x, scale, None, qmin, qmax, binary)
+    changed %= channels
+    y = x.clone()
+    y[changed] = torch.randn(width, generator=generator) * 5
+    after = fake_quantize(y, scale, None, qmin, qmax, binary)
+    others = torch.arange(channels) != changed
+    assert torch.equal(before[others], after[others])
+
+
+def test_one_bit_is_the_sign_and_zero_bits_is_zero():
+    x = torch.tensor([-2.0, -0.1, 0.0, 0.3, 5.0])
+    s = torch.tensor(0.7)
+    binary = fake_quantize(x, s, None, -1, 1, torch.tensor(True))
+    assert torch.equal(binary, s * torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0]))
+    assert torch.equal(fake_quantize(x, s, None, 0, 0), torch.zeros(5))
+    ternary = fake_quantize(x, s, None, -1, 1)  # signed 2 bits: {-s, 0, s}
+    assert set(torch.round(ternary / 0.7).tolist()) <= {-1.0, 0.0, 1.0} and float(ternary[2]) == 0.0
+
+
+def test_zero_scale_gives_zeros_not_nan():
+    x = torch.zeros(3, 4, requires_grad=True)
+    out = fake_quantize(x, torch.zeros(3, 1), None, -7, 7)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3, 4)) and torch.isfinite(x.grad).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(VECTORS, SCALES, BITS)
+def test_gradient_passes_straight_through_inside_and_stops_outside(x, scale, bits):
+    x = x.clone().requires_grad_(True)
+    _, qmax = integer_range(bits, signed=True)
+    fake_quantize(x, torch.tensor(scale), None, -qmax, qmax).sum().backward()
+    rounded = torch.round(x.detach() * (1.0 / torch.tensor(scale)))
+    inside = (rounded >= -qmax) & (rounded <= qmax)
+    assert torch.equal(x.grad, inside.float())
+
+
+@settings(max_examples=100, deadline=None)
+@given(VECTORS, SCALES, st.integers(2, 16), st.booleans())
+def test_fused_per_tensor_path_matches_generic_path(x, scale, bits, signed):
+    qmin, qmax = integer_range(bits, signed)
+    generic = fake_quantize(x, torch.tensor(scale), None, qmin, qmax)
+    fused = fake_quantize_per_tensor(x, torch.tensor(scale), torch.zeros(1, dtype=torch.int32), int(qmin), int(qmax))
+    assert torch.equal(generic, fused)
+
+
+def test_lsq_scale_gradient_matches_the_straight_through_chain():
+    torch.manual_seed(0)
+    groups = []
+    for step in (0.2, 0.5):
+        x = torch.randn(100) * 3
+        # keep clear of the range boundary, where STE conventions differ (torch.clamp vs fake_quantize)
+        groups.append(x[torch.round(x / step).abs() != 7][:80])
+    x = torch.cat(groups)
+    weights = torch.linspace(-1, 1, 160)
+    s1 = torch.tensor([0.2, 0.5], requires_grad=True)
+    out = fake_quantize(x, s1.repeat_interleave(80), None, -7, 7, grad_factor=0.5)
+    (out * weights).sum().backward()
+    s2 = torch.tensor([0.2, 0.5], requires_grad=True)
+    expanded = s2.repeat_interleave(80)
+    v = x / expanded
+    rounded = v + (torch.round(v) - v).detach()
+    reference = torch.clamp(rounded, -7, 7) * expanded
+    (reference * weights * 0.5).sum().backward()
+    assert torch.allclose(s1.grad, s2.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out, reference)
+
+
+@settings(max_examples=100, deadline=None)
+@given(VECTORS, st.integers(2, 12))
+def test_asymmetric_grid_covers_the_range(x, bits):
+    scale, zero_point = asymmetric_params(x.min(), x.max(), bits)
+    qmin, qmax = integer_range(bits, signed=False)
+    out = fake_quantize(x, scale, zero_point, qmin, qmax)
+    assert ((out - x).abs() <= scale / 2 + 1e-4 * (1 + x.abs())).all()
+    assert float(fake_quantize(torch.zeros(1), scale, zero_point, qmin, qmax)) == 0.0  # zero is exact
