@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..errors import DataError
 from ..fileio import atomic_path, atomic_write_json, sha256_file
@@ -123,7 +123,7 @@ def _decode(items: list[tuple[Path, int]], desc: str) -> ImageTensors:
     from PIL import Image
 
     arrays, labels, sizes = [], [], set()
-    for path, label in tqdm(items, desc=desc, unit="img", mininterval=1.0):
+    for path, label in progress(items, desc=desc, unit="img", mininterval=1.0):
         try:
             with Image.open(path) as image:
                 array = np.asarray(image.convert("RGB"))

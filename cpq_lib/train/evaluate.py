@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 
 @dataclass
@@ -42,7 +42,7 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
     total = torch.zeros(num_classes, dtype=torch.long)
     loss_sum = 0.0
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for images, labels in tqdm(batches, desc=desc, leave=False, disable=not progress):
+    for images, labels in progress_bar(batches, progress, desc=desc, leave=False):
         images = images.to(device).contiguous(memory_format=fmt)
         labels = labels.to(device)
         logits = model(images)

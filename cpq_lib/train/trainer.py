@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..config import TrainConfig
 from ..data import DataBundle
@@ -95,7 +95,7 @@ def train_model(
         result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
         result.seconds = float(state["seconds"])
 
-    epochs = tqdm(range(result.epochs_completed, cfg.epochs), desc="epochs", disable=not progress,
+    epochs = progress_bar(range(result.epochs_completed, cfg.epochs), progress, desc="epochs",
                   initial=result.epochs_completed, total=cfg.epochs)
     for epoch in epochs:
         started = time.perf_counter()
@@ -103,7 +103,7 @@ def train_model(
         loader.set_epoch(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for step_in_epoch, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)):
+        for step_in_epoch, (images, labels) in enumerate(progress_bar(loader, progress, desc=f"epoch {epoch + 1}", leave=False)):
             lr = learning_rate(epoch * steps_per_epoch + step_in_epoch, total_steps, cfg.lr, cfg.schedule,
                                warmup_steps=warmup_steps, milestones=tuple(cfg.milestones), gamma=cfg.gamma)
             for group in optimizer.param_groups:
