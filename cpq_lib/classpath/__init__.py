@@ -1,0 +1,13 @@
+"""Class critical paths: class-importance scoring, paths, similarity, ordering, sensitivity."""
+
+from .paths import (
+    UNIMPORTANT, CriticalPaths, PathError, class_order, critical_paths, interference_matrix, jaccard_matrix, path_overlap,
+)
+from .sensitivity import layer_sensitivity, path_sensitivity
+from .scoring import ClassScores, ScoreSettings, ScoringError, cached_scores, score_classes
+
+__all__ = [
+    "UNIMPORTANT", "ClassScores", "CriticalPaths", "PathError", "ScoreSettings", "ScoringError", "cached_scores",
+    "class_order", "critical_paths", "interference_matrix", "jaccard_matrix", "layer_sensitivity", "path_overlap",
+    "path_sensitivity", "score_classes",
+]

@@ -1,0 +1,155 @@
+"""The batched scorer against a plain per-image loop written here with its own autograd code."""
+
+import pytest
+import torch
+from torch import nn
+
+from cpq_lib.classpath import ClassScores, ScoreSettings, ScoringError, cached_scores, score_classes
+from cpq_lib.config import make_config
+from cpq_lib.data import TensorBatchLoader
+from cpq_lib.data.sources import ImageTensors
+from cpq_lib.models import build_model
+from cpq_lib.pipeline import baseline_model
+
+
+def oracle_scores(model, images, labels, names, num_classes, target="logit", eps=0.0):
+    """The reference procedure: one image per forward/backward, retain_grad on each scored output."""
+    modules = dict(model.named_modules())
+    model.eval()
+    hits = {}
+    for x, y in zip(images, labels):
+        outputs = {}
+
+        def keep(module, inputs, output, name):
+            output.retain_grad()
+            outputs[name] = output
+
+        handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: keep(m, i, o, n)) for n in names]
+        logits = model(x[None])
+        for handle in handles:
+            handle.remove()
+        value = logits[0, y] if target == "logit" else nn.functional.cross_entropy(logits, y[None])
+        model.zero_grad()
+        value.backward()
+        for name in names:
+            a, g = outputs[name], outputs[name].grad
+            t = (a * g).abs().detach()[0]
+            per_channel = t.amax(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
+            hits.setdefault(name, torch.zeros(num_classes, per_channel.numel()))
+            hits[name][y] += (per_channel > eps).float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return {n: h / counts[:, None] for n, h in hits.items()}
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory, digits):
+    config = make_config("quick")
+    model, _ = baseline_model(config, digits, tmp_path_factory.mktemp("run"), progress=False)
+    return model
+
+
+def _subset(data, per_class, split="train"):
+    loader = data.per_class_loader(per_class, split=split, seed=0, batch_size=37)  # batches mix classes
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels), loader
+
+
+@pytest.mark.parametrize("target", ["logit", "loss"])
+def test_batched_equals_per_image_loop_on_trained_digits(trained_digits, digits, target):
+    images, labels, loader = _subset(digits, 8)
+    scores = score_classes(trained_digits, loader, 10, digits.classes, ScoreSettings(target=target), progress=False)
+    reference = oracle_scores(trained_digits, images, labels, scores.layers, 10, target)
+    assert scores.layers == ["stem.0", "features.0.0", "features.2.0", "classifier"]
+    for name in scores.layers:
+        assert torch.equal(scores.scores[name], reference[name]), name
+    everything = torch.cat([s.flatten() for s in scores.scores.values()])
+    assert not bool((everything == 0).all()) and not bool((everything == 1).all())
+    assert ((everything > 0) & (everything < 1)).any(), "scores should not be trivially 0 or 1"
+
+
+def test_batched_equals_per_image_loop_on_resnet20(cifar10):
+    from cpq_lib.models import available_pretrained, load_pretrained
+
+    if ("resnet20", "cifar10") in available_pretrained():
+        model, _ = load_pretrained("resnet20", "cifar10")
+    else:  # before the shipped checkpoint exists: a seeded model with real batch-norm statistics
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10)
+        model.train()
+        with torch.no_grad():
+            model(cifar10.train.images[:512].float() / 255)
+    images, labels, loader = _subset(cifar10, 3)
+    scores = score_classes(model, loader, 10, cifar10.classes, progress=False)
+    reference = oracle_scores(model, images, labels, scores.layers, 10)
+    assert len(scores.layers) == 22
+    for name in scores.layers:
+        assert torch.equal(scores.scores[name], reference[name]), name
+    everything = torch.cat([s.flatten() for s in scores.scores.values()])
+    assert ((everything > 0) & (everything < 1)).any() and (everything == 1).any()
+
+
+def test_dead_channel_scores_zero(trained_digits, digits):
+    model = build_model("digits_cnn", 10, in_channels=1)
+    model.load_state_dict(trained_digits.state_dict())
+    with torch.no_grad():
+        model.features[0][0].weight[5] = 0  # channel 5 of this conv outputs zeros for every input
+    _, _, loader = _subset(digits, 5)
+    scores = score_classes(model, loader, 10, digits.classes, progress=False)
+    assert torch.equal(scores.scores["features.0.0"][:, 5], torch.zeros(10))
+    assert scores.scores["features.0.0"][:, :5].sum() > 0
+
+
+def test_other_scorers_and_named_modules(trained_digits, digits):
+    _, _, loader = _subset(digits, 4)
+    activation = score_classes(trained_digits, loader, 10, digits.classes, ScoreSettings(scorer="activation"), progress=False)
+    gradient = score_classes(trained_digits, loader, 10, digits.classes,
+                             ScoreSettings(scorer="gradient", modules=("features.0.2",)), progress=False)
+    assert activation.scores["stem.0"].shape == (10, 16) and (activation.scores["stem.0"] > 0).all()
+    assert gradient.layers == ["features.0.2"] and (gradient.scores["features.0.2"] >= 0).all()
+    counts = activation.class_count()
+    assert torch.allclose(counts["stem.0"], activation.scores["stem.0"].sum(0))
+
+
+def test_model_is_left_as_it_was(trained_digits, digits):
+    trained_digits.train()
+    flags = [p.requires_grad for p in trained_digits.parameters()]
+    _, _, loader = _subset(digits, 2)
+    score_classes(trained_digits, loader, 10, digits.classes, progress=False)
+    assert trained_digits.training and [p.requires_grad for p in trained_digits.parameters()] == flags
+    assert trained_digits.features[0][2].inplace is True
+    trained_digits.eval()
+
+
+def test_errors(trained_digits, digits):
+    only_some = ImageTensors(digits.train.images[:20], torch.tensor([0, 1] * 10))
+    with pytest.raises(ScoringError, match=r"class\(es\) \['2', '3'"):
+        score_classes(trained_digits, TensorBatchLoader(only_some, 8), 10, digits.classes, progress=False)
+    with pytest.raises(ScoringError, match="class count mismatch"):
+        score_classes(trained_digits, TensorBatchLoader(only_some, 8), 2, progress=False)
+    with pytest.raises(ScoringError, match="unknown module"):
+        score_classes(trained_digits, TensorBatchLoader(only_some, 8), 10, settings=ScoreSettings(modules=("nope",)), progress=False)
+    with pytest.raises(ScoringError, match="unknown scorer 'shap'"):
+        ScoreSettings(scorer="shap")
+    with pytest.raises(ScoringError, match="eps must be >= 0"):
+        ScoreSettings(eps=-1)
+
+
+def test_save_load_and_cache(trained_digits, digits, tmp_path):
+    _, _, loader = _subset(digits, 2)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return score_classes(trained_digits, loader, 10, digits.classes, progress=False, full_precision=["stem.0"])
+
+    first = cached_scores(tmp_path, trained_digits, {"split": "train", "per_class": 2}, compute, ScoreSettings())
+    second = cached_scores(tmp_path, trained_digits, {"split": "train", "per_class": 2}, compute, ScoreSettings())
+    assert len(calls) == 1 and second.full_precision == ["stem.0"]
+    assert all(torch.equal(first.scores[n], second.scores[n]) for n in first.layers)
+    cached_scores(tmp_path, trained_digits, {"split": "train", "per_class": 3}, compute, ScoreSettings())
+    assert len(calls) == 2  # another data key: computed again
+    frame = second.to_frame()
+    assert len(frame) == sum(s.numel() for s in second.scores.values()) and set(frame["class"]) == set(digits.classes)
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(ScoringError, match="unreadable"):
+        ClassScores.load(tmp_path / "bad.pt")
