@@ -94,3 +94,29 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
             check_card_matches(card, data, path)
             return model, card
     return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model")
+
+
+def class_scores(model: nn.Module, data: DataBundle, run_dir: str | os.PathLike, *, images_per_class: int,
+                 split: str = "train", seed: int = 0, settings=None, exclude=None, device: str = "cpu",
+                 progress: bool = True):
+    """Class-importance scores of ``model`` on ``images_per_class`` images of each class, cached in ``run_dir``.
+
+    Scores come from training (or validation) images, never test. Layers that ``exclude`` patterns
+    keep in full precision are scored too and flagged.
+    """
+    from .classpath import ScoreSettings, cached_scores, score_classes
+    from .errors import DataError
+    from .quant.transform import DEFAULT_EXCLUDE, excluded_names
+
+    if split == "test":
+        raise DataError("class scores feed bit searches: use the train or val split, never test")
+    settings = settings or ScoreSettings()
+    full_precision = excluded_names(model, DEFAULT_EXCLUDE if exclude is None else exclude)
+    data_key = {"dataset": data.name, "split": split, "images_per_class": images_per_class, "seed": seed,
+                "val_digest": data.val_digest}
+
+    def compute():
+        loader = data.per_class_loader(images_per_class, split=split, seed=seed)
+        return score_classes(model, loader, data.num_classes, data.classes, settings, device, full_precision, progress)
+
+    return cached_scores(Path(run_dir) / "cache", model, data_key, compute, settings)
