@@ -52,3 +52,12 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("CPQ_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def digits_baseline(tmp_path_factory, digits):
+    """The quick profile's trained digits_cnn (trained once per test session) and its model card."""
+    from cpq_lib.config import make_config
+    from cpq_lib.pipeline import baseline_model
+
+    return baseline_model(make_config("quick"), digits, tmp_path_factory.mktemp("baseline-run"), progress=False)

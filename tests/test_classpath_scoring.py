@@ -5,11 +5,9 @@ import torch
 from torch import nn
 
 from cpq_lib.classpath import ClassScores, ScoreSettings, ScoringError, cached_scores, score_classes
-from cpq_lib.config import make_config
 from cpq_lib.data import TensorBatchLoader
 from cpq_lib.data.sources import ImageTensors
 from cpq_lib.models import build_model
-from cpq_lib.pipeline import baseline_model
 
 
 def oracle_scores(model, images, labels, names, num_classes, target="logit", eps=0.0):
@@ -42,10 +40,8 @@ def oracle_scores(model, images, labels, names, num_classes, target="logit", eps
 
 
 @pytest.fixture(scope="module")
-def trained_digits(tmp_path_factory, digits):
-    config = make_config("quick")
-    model, _ = baseline_model(config, digits, tmp_path_factory.mktemp("run"), progress=False)
-    return model
+def trained_digits(digits_baseline):
+    return digits_baseline[0]
 
 
 def _subset(data, per_class, split="train"):

@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from cpq_lib.classpath import critical_paths, layer_sensitivity, path_sensitivity, score_classes
-from cpq_lib.config import make_config
-from cpq_lib.pipeline import baseline_model
 from cpq_lib.quant import BitPlan, QuantConfig, quantize_, quantized_layers
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, digits):
-    model, _ = baseline_model(make_config("quick"), digits, tmp_path_factory.mktemp("run"), progress=False)
+def setup(digits_baseline):
+    model = digits_baseline[0]
     quantized = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=8, act_bits=None))
     return model, quantized
 
