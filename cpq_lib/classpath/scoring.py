@@ -32,6 +32,7 @@ from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
 from ..quant.transform import quantizable_layers
+from ..train.evaluate import memory_format_of
 
 SCORERS = ("taylor", "activation", "gradient")
 TARGETS = ("logit", "loss")
@@ -165,22 +166,23 @@ def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_n
     sums: dict[str, torch.Tensor] = {}
     per_class = torch.zeros(num_classes, dtype=torch.long)
     needs_grad = settings.scorer != "activation"
+    fmt = memory_format_of(model)
     with scoring_mode(model):
         for images, labels in progress_bar(batches, progress, desc="scoring", leave=False):
-            images, labels = images.to(device), labels.to(device)
+            images, labels = images.to(device).contiguous(memory_format=fmt), labels.to(device)
             if int(labels.max()) >= num_classes or int(labels.min()) < 0:
                 raise ScoringError(f"label {int(labels.max())} outside 0..{num_classes - 1}: class count mismatch")
             pending: dict[str, torch.Tensor] = {}
+            one_hot = F.one_hot(labels, num_classes).to(torch.float64)
 
             def record(name: str, is_linear: bool, a: torch.Tensor, g: torch.Tensor | None) -> None:
                 stat = per_image_statistic(_channel_first(a.detach(), is_linear),
                                            None if g is None else _channel_first(g, is_linear), settings.scorer)
                 if settings.scorer == "taylor":
-                    stat = (stat > settings.eps).to(torch.float64)
-                stat = stat.to(torch.float64).cpu()
-                if name not in sums:
-                    sums[name] = torch.zeros(num_classes, stat.shape[1], dtype=torch.float64)
-                sums[name].index_add_(0, labels.cpu(), stat)
+                    stat = stat > settings.eps
+                # per-class sums as one small matmul (index_add_ on these strided slices is ~100x slower)
+                per_class_sum = one_hot.T @ stat.to(torch.float64)
+                sums[name] = per_class_sum.cpu() if name not in sums else sums[name] + per_class_sum.cpu()
 
             def forward_hook(module, inputs, output, name):
                 if not isinstance(output, torch.Tensor):

@@ -1,0 +1,84 @@
+"""Batched class scoring vs (a) one training pass and (b) the per-image reference loop, on ResNet-20.
+
+    .venv/bin/python benchmarks/bench_scoring.py --data-root ../shared/data/cifar10-jpeg.zip [--repeats 5]
+
+Images: 100 training images of each of the 10 classes (1,000), batch 250, channels_last throughout.
+(a) training pass: model in eval mode, forward + cross-entropy backward through all parameters, no
+optimizer step. (b) the reference procedure, one image per backward (timed on 2 images per class
+and scaled to the 1,000 images; its scores are checked against the batched ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median, save, time_alternating  # noqa: E402
+
+from cpq_lib.classpath import score_classes  # noqa: E402
+from cpq_lib.classpath.reference import score_classes_per_image  # noqa: E402
+from cpq_lib.data import TensorBatchLoader, load_dataset  # noqa: E402
+from cpq_lib.models import available_pretrained, build_model, load_pretrained  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=100)
+    args = parser.parse_args(argv)
+    data = load_dataset("cifar10", args.data_root)
+    if ("resnet20", "cifar10") in available_pretrained():
+        model, _ = load_pretrained("resnet20", "cifar10")
+    else:
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10)
+    model = model.to(memory_format=torch.channels_last).eval()
+    loader = data.per_class_loader(args.per_class, split="train", seed=0, batch_size=250)
+    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in loader]
+
+    def scoring():
+        score_classes(model, batches, 10, data.classes, progress=False)
+
+    def training_pass():
+        for images, labels in batches:
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(images), labels).backward()
+        model.zero_grad(set_to_none=True)
+
+    # the per-image loop runs on 2 images per class and is scaled up to the full set
+    subset = [(x.contiguous(memory_format=torch.channels_last), y)
+              for x, y in data.per_class_loader(2, split="train", seed=0, batch_size=250)]
+    subset_images = sum(len(y) for _, y in subset)
+    total_images = sum(len(y) for _, y in batches)
+
+    def per_image():
+        score_classes_per_image(model, subset, 10, data.classes)
+
+    times = time_alternating({"training pass": training_pass, "batched scoring": scoring, "per-image loop": per_image},
+                             args.repeats, warmup=1)
+    seconds = {k: median(v) for k, v in times.items()}
+    seconds["per-image loop"] *= total_images / subset_images
+    # same scores: the batched scorer against the reference on the same images
+    batched = score_classes(model, subset, 10, data.classes, progress=False)
+    reference = score_classes_per_image(model, subset, 10, data.classes)
+    same = all(torch.equal(batched.scores[n], reference.scores[n]) for n in batched.layers)
+    result = {"images": total_images, "seconds": seconds, "same_scores_on_subset": same,
+              "scoring_vs_training_pass": seconds["batched scoring"] / seconds["training pass"],
+              "per_image_vs_scoring": seconds["per-image loop"] / seconds["batched scoring"],
+              "repeats": args.repeats, "machine": machine()}
+    save("bench_scoring", result)
+    print(f"{total_images} images: training pass {seconds['training pass']:.2f} s, batched scoring "
+          f"{seconds['batched scoring']:.2f} s, per-image loop {seconds['per-image loop']:.1f} s (scaled)")
+    print(f"batched scoring / training pass = {result['scoring_vs_training_pass']:.3f}; "
+          f"per-image loop / batched scoring = {result['per_image_vs_scoring']:.1f}x; same scores: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
