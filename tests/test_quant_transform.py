@@ -161,3 +161,14 @@ def test_dequantize_bakes_quantized_weights_into_float_layers():
         assert torch.equal(plain(x), expected)
     codes = plain.layer1[0].conv1.weight.reshape(16, -1)
     assert all(row.unique().numel() <= 7 for row in codes)  # 3-bit signed grid: at most 7 levels
+
+
+def test_inference_and_autograd_paths_agree_exactly():
+    torch.manual_seed(0)
+    model = quantize_(build_model("resnet20", 10), QuantConfig(weight_bits=4, act_bits=4)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    calibrate_(model, [(x, None)])
+    with torch.no_grad():
+        inference = model(x)  # cached weights, one-pass activation kernel
+    with_grad = model(x.clone().requires_grad_(True))  # autograd path (torch's fused kernel, fresh weights)
+    assert torch.equal(inference, with_grad.detach())

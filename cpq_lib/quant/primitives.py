@@ -35,6 +35,14 @@ def integer_range(bits: torch.Tensor | int, signed: bool) -> tuple[torch.Tensor,
     return torch.zeros_like(qmax), qmax
 
 
+def integer_range_int(bits: int, signed: bool) -> tuple[int, int]:
+    """:func:`integer_range` for one Python int (no tensors: used on the per-call hot path)."""
+    if signed:
+        top = 2 ** (bits - 1) - 1 if bits >= 2 else (1 if bits == 1 else 0)
+        return -top, top
+    return 0, (2 ** bits - 1 if bits >= 1 else 0)
+
+
 def binary_mask(bits: torch.Tensor | int, signed: bool) -> torch.Tensor | None:
     """Where the 1-bit sign grid applies (signed, 1 bit), or None if nowhere."""
     if not signed:
@@ -59,26 +67,26 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return (codes - zero_point) * scale if zero_point is not None else codes * scale
 
 
-def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+def safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.abs().clamp_min(MIN_SCALE)
 
 
 def quantize_to_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                       qmin: torch.Tensor, qmax: torch.Tensor, binary: torch.Tensor | None = None) -> torch.Tensor:
     """The integer codes :func:`fake_quantize` would produce (for export and packing)."""
-    scale = _safe_scale(scale)
+    scale = safe_scale(scale)
     return _quantize_codes(x, 1.0 / scale, zero_point, qmin, qmax, binary)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """Inverse of :func:`quantize_to_codes`: bit-identical to the fake-quantized values."""
-    return _dequantize(codes, _safe_scale(scale), zero_point)
+    return _dequantize(codes, safe_scale(scale), zero_point)
 
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, binary, grad_factor):
-        safe = _safe_scale(scale)
+        safe = safe_scale(scale)
         inv_scale = 1.0 / safe
         codes = _quantize_codes(x, inv_scale, zero_point, qmin, qmax, binary)
         ctx.save_for_backward(x, safe, zero_point if zero_point is not None else torch.empty(0), qmin, qmax,
@@ -120,7 +128,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     qmin_t = torch.as_tensor(qmin, dtype=x.dtype, device=x.device)
     qmax_t = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
-        safe = _safe_scale(scale)
+        safe = safe_scale(scale)
         return _dequantize(_quantize_codes(x, 1.0 / safe, zero_point, qmin_t, qmax_t, binary), safe, zero_point)
     return _FakeQuantize.apply(x, scale, zero_point, qmin_t, qmax_t, binary, grad_factor)
 
@@ -130,7 +138,7 @@ def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: t
 
     ``zero_point`` must be an int32 tensor of one element.
     """
-    return torch.fake_quantize_per_tensor_affine(x, _safe_scale(scale).reshape(1), zero_point.reshape(1), qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, safe_scale(scale).reshape(1), zero_point.reshape(1), qmin, qmax)
 
 
 def lsq_grad_factor(numel: int, qmax: float) -> float:

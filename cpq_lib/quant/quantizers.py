@@ -15,8 +15,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .kernels import fake_quantize_inference
 from .primitives import (
-    MAX_BITS, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
+    MAX_BITS, safe_scale, integer_range_int, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
     max_scale, quantize_to_codes,
 )
 
@@ -303,9 +304,8 @@ class ActivationQuantizer(nn.Module):
             self.signed.fill_(1 if self._min < 0 else 0)
         self._finalize()
 
-    def _grid(self) -> tuple[int, int]:
-        qmin, qmax = integer_range(int(self.bits), signed=self.is_signed and self.symmetric)
-        return int(qmin), int(qmax)
+    def _grid(self, bits: int | None = None) -> tuple[int, int]:
+        return integer_range_int(int(self.bits) if bits is None else bits, self.is_signed and self.symmetric)
 
     @torch.no_grad()
     def _finalize(self) -> None:
@@ -338,23 +338,28 @@ class ActivationQuantizer(nn.Module):
         if self.observing:
             self.observe(x)
             return x
-        if not self.enabled:
+        bits = int(self.bits)
+        if bits < 0:
             return x
         if not bool(self.initialized):  # lazily calibrate on the first batch seen
             self.start_observing()
             self.observe(x)
             self.finish_observing()
-        bits = int(self.bits)
-        qmin, qmax = self._grid()
+        signed = self.is_signed
+        qmin, qmax = self._grid(bits)
+        binary = bits == 1 and signed and self.symmetric
         if self.learnable:
             zp = None if self.symmetric else self.zero_point.float()
-            binary = torch.tensor(True) if (bits == 1 and self.is_signed and self.symmetric) else None
-            return fake_quantize(x, self.scale, zp, qmin, qmax, binary, lsq_grad_factor(x[0].numel(), qmax))
-        if bits == 1 and self.is_signed and self.symmetric:
+            return fake_quantize(x, self.scale, zp, qmin, qmax, torch.tensor(True) if binary else None,
+                                 lsq_grad_factor(x[0].numel(), qmax))
+        if binary:
             return fake_quantize(x, self.scale, None, -1, 1, torch.tensor(True))
         if bits == 0:
             return torch.zeros_like(x)
-        return fake_quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax)
+        fused = lambda: fake_quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax)  # noqa: E731
+        if torch.is_grad_enabled() and x.requires_grad:
+            return fused()
+        return fake_quantize_inference(x, safe_scale(self.scale), self.zero_point, qmin, qmax, fused)
 
     def extra_repr(self) -> str:
         state = "off" if not self.enabled else f"bits={int(self.bits)}"

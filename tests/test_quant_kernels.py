@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from cpq_lib.quant import kernels
+from cpq_lib.quant.primitives import fake_quantize_per_tensor, integer_range, integer_range_int
+
+
+def test_python_integer_range_matches_tensor_version():
+    for signed in (True, False):
+        for bits in range(17):
+            low, high = integer_range(bits, signed)
+            assert integer_range_int(bits, signed) == (int(low), int(high))
+
+
+@pytest.fixture()
+def fresh_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_disabled", False)
+    monkeypatch.delenv("CPQ_COMPILE", raising=False)
+
+
+@pytest.mark.parametrize("shape,channels_last,zero_point,qmin,qmax", [
+    ((8, 16, 12, 12), True, 0, 0, 15), ((8, 16, 12, 12), False, 0, -7, 7), ((5, 33), False, 3, 0, 255),
+])
+def test_inference_kernel_is_bit_identical_to_torch(fresh_kernels, shape, channels_last, zero_point, qmin, qmax):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor(0.0731)
+    zp = torch.tensor(zero_point, dtype=torch.int32)
+    expected = fake_quantize_per_tensor(x, scale, zp, qmin, qmax)
+    out = kernels.fake_quantize_inference(x, scale, zp, qmin, qmax, lambda: pytest.fail("fell back"))
+    assert torch.equal(out, expected) and out.stride() == x.stride()
+
+
+def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
+    x = torch.rand(4, 3)
+    scale, zp = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    monkeypatch.setenv("CPQ_COMPILE", "0")
+    assert kernels.fake_quantize_inference(x, scale, zp, 0, 15, lambda: "torch kernel") == "torch kernel"
+    monkeypatch.delenv("CPQ_COMPILE")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_compiled", broken)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert kernels.fake_quantize_inference(x, scale, zp, 0, 15, lambda: "torch kernel") == "torch kernel"
+    assert not kernels.compiled_kernels_enabled()
