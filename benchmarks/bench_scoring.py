@@ -40,15 +40,19 @@ def main(argv=None) -> int:
         model = build_model("resnet20", 10)
     model = model.to(memory_format=torch.channels_last).eval()
     loader = data.per_class_loader(args.per_class, split="train", seed=0, batch_size=250)
-    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in loader]
+    images, labels = (torch.cat(parts) for parts in zip(*loader))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # every batch mixes all classes
+    batches = [(images[i].contiguous(memory_format=torch.channels_last), labels[i]) for i in order.split(250)]
 
-    def scoring():
-        score_classes(model, batches, 10, data.classes, progress=False)
+    # Variants alternate batch by batch (this machine's speed drifts over seconds of load), so each
+    # repeat times every batch once per variant; a repeat's time is the sum over its batches.
+    def scoring(batch):
+        score_classes(model, [batch], 10, data.classes, progress=False)
 
-    def training_pass():
-        for images, labels in batches:
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(images), labels).backward()
+    def training_pass(batch):
+        images, labels = batch
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images), labels).backward()
         model.zero_grad(set_to_none=True)
 
     # the per-image loop runs on 2 images per class and is scaled up to the full set
@@ -57,12 +61,23 @@ def main(argv=None) -> int:
     subset_images = sum(len(y) for _, y in subset)
     total_images = sum(len(y) for _, y in batches)
 
-    def per_image():
+    def per_image(batch):
         score_classes_per_image(model, subset, 10, data.classes)
 
-    times = time_alternating({"training pass": training_pass, "batched scoring": scoring, "per-image loop": per_image},
-                             args.repeats, warmup=1)
-    seconds = {k: median(v) for k, v in times.items()}
+    variants = {"training pass": training_pass, "batched scoring": scoring, "per-image loop": per_image}
+    for fn in variants.values():  # warm-up (compiles the fused kernels once)
+        fn(batches[0])
+    totals: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        round_times = {name: 0.0 for name in variants}
+        for index, batch in enumerate(batches):
+            runs = {name: (lambda fn=fn, batch=batch: fn(batch)) for name, fn in variants.items()
+                    if name != "per-image loop" or index == 0}
+            for name, value in time_alternating(runs, repeats=1, warmup=0).items():
+                round_times[name] += value[0]
+        for name, value in round_times.items():
+            totals[name].append(value)
+    seconds = {k: median(v) for k, v in totals.items()}
     seconds["per-image loop"] *= total_images / subset_images
     # same scores: the batched scorer against the reference on the same images
     batched = score_classes(model, subset, 10, data.classes, progress=False)

@@ -106,6 +106,32 @@ def test_other_scorers_and_named_modules(trained_digits, digits):
     assert torch.allclose(counts["stem.0"], activation.scores["stem.0"].sum(0))
 
 
+class ConvReLUInPlace(nn.Module):
+    """conv -> in-place ReLU: the scored conv output is overwritten by the ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.head(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_in_place_modification_of_a_scored_output_is_handled(digits):
+    torch.manual_seed(0)
+    model = ConvReLUInPlace()
+    images, labels, loader = _subset(digits, 3)
+    scores = score_classes(model, loader, 10, digits.classes, progress=False)
+    model.relu.inplace = False  # the oracle needs the pre-ReLU output intact
+    reference = oracle_scores(model, images, labels, scores.layers, 10)
+    model.relu.inplace = True
+    for name in scores.layers:
+        assert torch.equal(scores.scores[name], reference[name]), name
+    assert model.relu.inplace is True
+
+
 def test_model_is_left_as_it_was(trained_digits, digits):
     trained_digits.train()
     flags = [p.requires_grad for p in trained_digits.parameters()]

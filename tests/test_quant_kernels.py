@@ -14,7 +14,6 @@ def test_python_integer_range_matches_tensor_version():
 
 @pytest.fixture()
 def fresh_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "_compiled", None)
     monkeypatch.setattr(kernels, "_disabled", False)
     monkeypatch.delenv("CPQ_COMPILE", raising=False)
 
@@ -44,7 +43,20 @@ def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kernels, "_compiled", broken)
+    monkeypatch.setattr(kernels.FAKE_QUANTIZE, "compiled", broken)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         assert kernels.fake_quantize_inference(x, scale, zp, 0, 15, lambda: "torch kernel") == "torch kernel"
     assert not kernels.compiled_kernels_enabled()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_reductions_match_eager(fresh_kernels, channels_last):
+    generator = torch.Generator().manual_seed(0)
+    a, g = torch.randn(2, 6, 4, 5, 5, generator=generator).unbind(0)
+    a = torch.relu(a)  # exact zeros, as after ReLU
+    if channels_last:
+        a, g = a.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(kernels.taylor_max(a, g), (a * g).abs().flatten(2).amax(2))
+    assert torch.allclose(kernels.mean_abs(g), g.abs().flatten(2).mean(2))
+    flat = torch.randn(3, 7, generator=generator)
+    assert torch.equal(kernels.taylor_max(flat, flat), flat * flat)

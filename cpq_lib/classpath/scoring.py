@@ -21,7 +21,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
+from ..quant.kernels import mean_abs, taylor_max
 from ..quant.transform import quantizable_layers
 from ..train.evaluate import memory_format_of
 
@@ -123,18 +124,22 @@ def scored_modules(model: nn.Module, names: Sequence[str] | None) -> list[tuple[
 
 
 @contextmanager
-def scoring_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, frozen parameters and out-of-place activations for the duration of scoring."""
+def scoring_mode(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Eval mode and frozen parameters while scoring; yields a switch that makes in-place modules
+    out-of-place (restored on exit), for models that modify a scored output in place."""
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
     inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for m, _ in inplace:  # an in-place op on a scored output would change the ``a`` we multiply with
-        m.inplace = False
+
+    def out_of_place() -> None:
+        for m, _ in inplace:
+            m.inplace = False
+
     try:
-        yield
+        yield out_of_place
     finally:
         model.train(was_training)
         for p, flag in zip(model.parameters(), grads):
@@ -151,10 +156,59 @@ def _channel_first(t: torch.Tensor, is_linear: bool) -> torch.Tensor:
 def per_image_statistic(a: torch.Tensor, g: torch.Tensor | None, scorer: str) -> torch.Tensor:
     """(B, C): max |a*g| (taylor), mean |a| (activation) or mean |g| (gradient) over positions."""
     if scorer == "taylor":
-        t = a * g
-        return t.abs() if t.dim() == 2 else torch.linalg.vector_norm(t.flatten(2), ord=float("inf"), dim=2)
-    source = a if scorer == "activation" else g
-    return source.abs() if source.dim() == 2 else source.abs().flatten(2).mean(2)
+        return taylor_max(a, g)
+    return mean_abs(a if scorer == "activation" else g)
+
+
+def _score_batch(model: nn.Module, modules: list[tuple[str, nn.Module]], images: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int, settings: ScoreSettings) -> dict[str, torch.Tensor] | None:
+    """Per-class sums of the per-image statistic for one batch; None if a scored output was modified in place."""
+    needs_grad = settings.scorer != "activation"
+    one_hot = F.one_hot(labels, num_classes).to(torch.float64)
+    sums: dict[str, torch.Tensor] = {}
+    outputs: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def record(name: str, is_linear: bool, a: torch.Tensor, g: torch.Tensor | None) -> None:
+        stat = per_image_statistic(_channel_first(a.detach(), is_linear),
+                                   None if g is None else _channel_first(g, is_linear), settings.scorer)
+        if settings.scorer == "taylor":
+            stat = stat > settings.eps
+        # per-class sums as one small matmul (index_add_ on these strided slices is ~100x slower)
+        sums[name] = (one_hot.T @ stat.to(torch.float64)).cpu()
+
+    def forward_hook(module: nn.Module, output: torch.Tensor, name: str) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ScoringError(f"module {name!r} does not return a tensor; score another module")
+        is_linear = isinstance(module, nn.Linear)
+        if not needs_grad:
+            record(name, is_linear, output, None)
+            return
+        outputs[name] = (output, output._version)
+        output.register_hook(lambda g, a=output, n=name, lin=is_linear: record(n, lin, a, g))
+
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: forward_hook(mod, o, n)) for n, m in modules]
+    try:
+        with torch.set_grad_enabled(needs_grad):
+            # the graph starts at the input (parameters are frozen); autograd.grad below only
+            # back-propagates as far as the earliest scored output, never to the image
+            logits = model(images.detach().requires_grad_(needs_grad))
+            if logits.shape[1] != num_classes:
+                raise ScoringError(f"class count mismatch: the model has {logits.shape[1]} outputs, the data {num_classes} classes")
+            if any(out._version != version for out, version in outputs.values()):
+                return None
+            if needs_grad:
+                if settings.target == "logit":
+                    target = logits.gather(1, labels[:, None]).sum()
+                else:
+                    target = F.cross_entropy(logits, labels, reduction="sum")
+                torch.autograd.grad(target, [out for out, _ in outputs.values()], allow_unused=True)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    missing = [n for n, _ in modules if n not in sums]
+    if missing:
+        raise ScoringError(f"module(s) {missing[:5]} received no gradient from the target; they do not affect the output")
+    return sums
 
 
 def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_names: Sequence[str] | None = None,
@@ -163,64 +217,26 @@ def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_n
     """Score every (class, channel) of the scored modules over ``batches`` of (images, labels)."""
     modules = scored_modules(model, settings.modules)
     names = [n for n, _ in modules]
-    sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {}
     per_class = torch.zeros(num_classes, dtype=torch.long)
-    needs_grad = settings.scorer != "activation"
     fmt = memory_format_of(model)
-    with scoring_mode(model):
+    with scoring_mode(model) as out_of_place:
         for images, labels in progress_bar(batches, progress, desc="scoring", leave=False):
             images, labels = images.to(device).contiguous(memory_format=fmt), labels.to(device)
             if int(labels.max()) >= num_classes or int(labels.min()) < 0:
                 raise ScoringError(f"label {int(labels.max())} outside 0..{num_classes - 1}: class count mismatch")
-            pending: dict[str, torch.Tensor] = {}
-            one_hot = F.one_hot(labels, num_classes).to(torch.float64)
-
-            def record(name: str, is_linear: bool, a: torch.Tensor, g: torch.Tensor | None) -> None:
-                stat = per_image_statistic(_channel_first(a.detach(), is_linear),
-                                           None if g is None else _channel_first(g, is_linear), settings.scorer)
-                if settings.scorer == "taylor":
-                    stat = stat > settings.eps
-                # per-class sums as one small matmul (index_add_ on these strided slices is ~100x slower)
-                per_class_sum = one_hot.T @ stat.to(torch.float64)
-                sums[name] = per_class_sum.cpu() if name not in sums else sums[name] + per_class_sum.cpu()
-
-            def forward_hook(module, inputs, output, name):
-                if not isinstance(output, torch.Tensor):
-                    raise ScoringError(f"module {name!r} does not return a tensor; score another module")
-                is_linear = isinstance(module, nn.Linear)
-                if not needs_grad:
-                    record(name, is_linear, output, None)
-                    return None
-                if not output.requires_grad:
-                    output.requires_grad_(True)  # first scored layer: the graph starts here
-                pending[name] = output
-                output.register_hook(lambda g, a=output, n=name, lin=is_linear: record(n, lin, a, g))
-                return None
-
-            hooks = [m.register_forward_hook(lambda mod, i, o, n=n: forward_hook(mod, i, o, n)) for n, m in modules]
-            try:
-                with torch.set_grad_enabled(needs_grad):
-                    logits = model(images)
-                    if logits.shape[1] != num_classes:
-                        raise ScoringError(f"class count mismatch: the model has {logits.shape[1]} outputs, the data {num_classes} classes")
-                    if needs_grad:
-                        if settings.target == "logit":
-                            target = logits.gather(1, labels[:, None]).sum()
-                        else:
-                            target = F.cross_entropy(logits, labels, reduction="sum")
-                        torch.autograd.grad(target, list(pending.values()), allow_unused=True)
-            finally:
-                for handle in hooks:
-                    handle.remove()
-            missing = [n for n in names if n not in sums]
-            if missing:
-                raise ScoringError(f"module(s) {missing[:5]} received no gradient from the target; they do not affect the output")
+            sums = _score_batch(model, modules, images, labels, num_classes, settings)
+            if sums is None:  # an in-place op changed a scored output (e.g. conv -> ReLU(inplace)): redo safely
+                out_of_place()
+                sums = _score_batch(model, modules, images, labels, num_classes, settings)
+            for name, value in sums.items():
+                totals[name] = totals[name] + value if name in totals else value
             per_class += torch.bincount(labels.cpu(), minlength=num_classes)
     empty = [c for c in range(num_classes) if per_class[c] == 0]
     if empty:
         label = [class_names[c] for c in empty] if class_names else empty
         raise ScoringError(f"class(es) {label} have no images in the scoring data; every class needs at least one")
-    scores = {n: (sums[n] / per_class[:, None].double()).float() for n in names}
+    scores = {n: (totals[n] / per_class[:, None].double()).float() for n in names}
     return ClassScores(scores, list(class_names or [str(c) for c in range(num_classes)]), per_class.tolist(),
                        [n for n in names if n in set(full_precision)], asdict(settings))
 
