@@ -29,7 +29,8 @@ def test_inference_kernel_is_bit_identical_to_torch(fresh_kernels, shape, channe
     scale = torch.tensor(0.0731)
     zp = torch.tensor(zero_point, dtype=torch.int32)
     expected = fake_quantize_per_tensor(x, scale, zp, qmin, qmax)
-    out = kernels.fake_quantize_inference(x, scale, zp, qmin, qmax, lambda: pytest.fail("fell back"))
+    arguments = kernels.inference_arguments(scale, zp, qmin, qmax)
+    out = kernels.fake_quantize_inference(x, arguments, lambda: pytest.fail("fell back"))
     assert torch.equal(out, expected) and out.stride() == x.stride()
 
 
@@ -37,7 +38,8 @@ def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
     x = torch.rand(4, 3)
     scale, zp = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
     monkeypatch.setenv("CPQ_COMPILE", "0")
-    assert kernels.fake_quantize_inference(x, scale, zp, 0, 15, lambda: "torch kernel") == "torch kernel"
+    arguments = kernels.inference_arguments(scale, zp, 0, 15)
+    assert kernels.fake_quantize_inference(x, arguments, lambda: "torch kernel") == "torch kernel"
     monkeypatch.delenv("CPQ_COMPILE")
 
     def broken(*args, **kwargs):
@@ -45,7 +47,7 @@ def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
 
     monkeypatch.setattr(kernels.FAKE_QUANTIZE, "compiled", broken)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        assert kernels.fake_quantize_inference(x, scale, zp, 0, 15, lambda: "torch kernel") == "torch kernel"
+        assert kernels.fake_quantize_inference(x, arguments, lambda: "torch kernel") == "torch kernel"
     assert not kernels.compiled_kernels_enabled()
 
 

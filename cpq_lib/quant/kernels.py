@@ -70,14 +70,19 @@ TAYLOR_MAX = FusedKernel(_taylor_max)
 MEAN_ABS = FusedKernel(_mean_abs)
 
 
-def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+def inference_arguments(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, ...]:
+    """The kernel's scalar arguments (1/s, s, z, lo, hi) as 0-d float tensors; callers may cache them."""
+    scale32 = scale.detach().reshape(()).to(torch.float32)
+    return (1.0 / scale32, scale32, zero_point.detach().reshape(()).to(torch.float32),
+            torch.tensor(float(qmin)), torch.tensor(float(qmax)))
+
+
+def fake_quantize_inference(x: torch.Tensor, arguments: tuple[torch.Tensor, ...],
                             fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
     """One-pass fake quantization of ``x`` (no autograd); ``fallback()`` computes the same with torch's kernel."""
     if x.dtype != torch.float32:
         return fallback()
-    scale32 = scale.reshape(()).to(torch.float32)
-    return FAKE_QUANTIZE(x, 1.0 / scale32, scale32, zero_point.reshape(()).to(torch.float32),
-                         torch.tensor(float(qmin)), torch.tensor(float(qmax)), fallback=fallback)
+    return FAKE_QUANTIZE(x, *arguments, fallback=fallback)
 
 
 def taylor_max(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
