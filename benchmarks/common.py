@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import datetime
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,7 +41,14 @@ def machine() -> dict:
 
 
 def save(name: str, payload: dict) -> Path:
+    """Write ``results/<name>.json`` atomically, with the command, commit and date that produced it."""
+    from cpq_lib.fileio import atomic_write_json
+    from cpq_lib.provenance import git_commit
+
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    record = {"command": "python " + shlex.join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **payload}
+    atomic_write_json(record, path)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
@@ -10,7 +11,7 @@ T = TypeVar("T")
 
 
 def progress(iterable: Iterable[T], enabled: bool = True, **kwargs) -> Iterable[T]:
-    """``tqdm(iterable)`` when enabled; passing no ``disable`` lets tqdm read ``TQDM_DISABLE``."""
-    if not enabled:
-        kwargs["disable"] = True
+    """``tqdm(iterable)`` unless switched off here or by ``TQDM_DISABLE=1`` (set by the notebook runner)."""
+    if not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        kwargs["disable"] = True  # tqdm.notebook does not read TQDM_DISABLE itself
     return tqdm(iterable, **kwargs)

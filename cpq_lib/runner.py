@@ -35,9 +35,12 @@ def clean_stored_notebook(path: Path) -> None:
 
     notebook = nbformat.read(path, as_version=4)
     notebook.metadata.pop("papermill", None)
+    notebook.metadata.pop("widgets", None)  # progress-bar widget state
     for cell in notebook.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"  # papermill draws a random id on every run
     nbformat.write(notebook, path)
 
 

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-MACHINE_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|/Users/|[A-Z]:\\\\)")
+MACHINE_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|/usr/|/opt/|/Users/|[A-Z]:\\\\)")
 
 
 def test_there_are_notebooks():
@@ -29,6 +29,9 @@ def test_stored_notebook_hygiene(path):
     for cell in code:
         for output in cell.get("outputs", []):
             assert output.output_type != "error", f"error output stored in {path.name}"
+            assert output.get("name") != "stderr", f"warning or log text stored in {path.name}: {output.get('text', '')[:200]}"
+            assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}), \
+                f"progress-bar widget stored in {path.name}"
             text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
             assert not MACHINE_PATH.search(text), f"machine path in an output of {path.name}: {text[:200]}"
     assert "papermill" not in notebook.metadata

@@ -62,3 +62,16 @@ def test_fused_reductions_match_eager(fresh_kernels, channels_last):
     assert torch.allclose(kernels.mean_abs(g), g.abs().flatten(2).mean(2))
     flat = torch.randn(3, 7, generator=generator)
     assert torch.equal(kernels.taylor_max(flat, flat), flat * flat)
+
+
+def test_first_compile_logs_no_cuda_home_warning():
+    """CPU-only machines with CUDA wheels: the compile path must not print torch's CUDA_HOME warning."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom cpq_lib.quant import kernels\n"
+            "out = kernels.mean_abs(torch.ones(2, 3, 4, 4))\nassert out.shape == (2, 3), out.shape\nprint('ok')")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CPQ_COMPILE"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert "CUDA_HOME" not in result.stderr, result.stderr[-2000:]

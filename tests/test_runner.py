@@ -27,12 +27,16 @@ def test_clean_stored_notebook_drops_paths_and_timings(tmp_path):
     cell = nbformat.v4.new_code_cell("1")
     cell.metadata["papermill"] = {"duration": 1.0}
     cell.metadata["execution"] = {"iopub.status.busy": "2026"}
-    notebook.cells.append(cell)
+    injected = nbformat.v4.new_code_cell("profile = 'quick'", metadata={"tags": ["injected-parameters"]})
+    notebook.cells += [cell, injected]
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
     path = tmp_path / "n.ipynb"
     nbformat.write(notebook, path)
     runner.clean_stored_notebook(path)
     cleaned = nbformat.read(path, as_version=4)
-    assert "papermill" not in cleaned.metadata and cleaned.cells[0].metadata == {}
+    assert "papermill" not in cleaned.metadata and "widgets" not in cleaned.metadata
+    assert cleaned.cells[0].metadata == {}
+    assert cleaned.cells[1].id == "injected-parameters"
 
 
 @pytest.mark.slow

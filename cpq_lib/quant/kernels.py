@@ -15,6 +15,7 @@ to the eager version with a warning.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Callable
@@ -35,6 +36,18 @@ def disable_compiled_kernels(reason: str | None = None) -> None:
         warnings.warn(f"cpq: compiled kernels unavailable ({reason}); using eager torch kernels", stacklevel=3)
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Inductor imports ``torch.utils.cpp_extension``, which logs a CUDA_HOME warning on CPU-only
+    machines with CUDA wheels; the warning is irrelevant to CPU kernels and would land in notebooks."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(previous)
+
+
 class FusedKernel:
     """``fn`` compiled on first call (dynamic shapes); ``fallback`` (default ``fn``) when compiling is off or fails."""
 
@@ -45,6 +58,7 @@ class FusedKernel:
     def __call__(self, *args: torch.Tensor, fallback: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         if compiled_kernels_enabled():
             if self.compiled is None:
+                _import_cpp_extension_quietly()
                 self.compiled = torch.compile(self.fn, dynamic=True)
             try:
                 return self.compiled(*args)

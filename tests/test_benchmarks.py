@@ -1,0 +1,56 @@
+"""Benchmark scripts run end to end on tiny settings and record what produced their numbers.
+
+Timings are not asserted (they belong in benchmarks/results, measured with nothing else running);
+what is checked is that each script works, writes a complete record, and that the scoring benchmark's
+correctness claim (batched scores equal the per-image loop's) holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture()
+def bench(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+
+    def run(name: str, *args: str) -> dict:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "save", common.save)
+        monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / f"{name}.py"), *args])
+        assert module.main(list(args)) == 0
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["command"] == f"python benchmarks/{name}.py " + " ".join(args)
+        assert record["machine"]["threads"] >= 1 and "date" in record and "git_commit" in record
+        return record
+
+    return run
+
+
+def test_bench_quant_records_both_ratios(bench):
+    record = bench("bench_quant", "--repeats", "1", "--batch", "4")
+    assert record["batch"] == 4 and record["repeats"] == 1
+    for key in ("eval_ratio", "train_step_ratio"):
+        assert record[key] > 0
+    assert set(record["eval_seconds"]) == {"fp32", "quantized"}
+
+
+def test_bench_data_records_images_per_second(bench, cifar10_zip):
+    record = bench("bench_data", "--data-root", str(cifar10_zip), "--steps", "1", "--repeats", "1", "--batch", "8")
+    assert set(record["images_per_second"]) == {"random data", "cifar10 loader"} and record["ratio"] > 0
+
+
+def test_bench_scoring_checks_same_scores(bench, cifar10_zip):
+    record = bench("bench_scoring", "--data-root", str(cifar10_zip), "--repeats", "1", "--per-class", "3")
+    assert record["images"] == 30
+    assert record["same_scores_on_subset"] is True
+    assert record["scoring_vs_training_pass"] > 0 and record["per_image_vs_scoring"] > 0
