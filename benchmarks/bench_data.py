@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_data.py --data-root ../shared/data/cifar10-jpeg.zip [--steps 20 --repeats 5]
 
 Both variants run the same ResNet-20 training step (batch 128, channels_last, SGD); the only
-difference is where the batch comes from. Blocks of ``--steps`` steps alternate; the ratio of median
-images/s is reported (1.0 means data loading costs nothing).
+difference is where the batch comes from. Blocks of ``--steps`` steps alternate; the reported ratio is
+the median over rounds of the per-round images/s ratio (1.0 means data loading costs nothing).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, save, time_alternating  # noqa: E402
+from common import machine, median, paired_ratio, save, time_alternating  # noqa: E402
 
 from cpq_lib.data import load_dataset  # noqa: E402
 from cpq_lib.models import build_model  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     times = time_alternating({"random data": random, "cifar10 loader": real}, args.repeats, warmup=1)
     per_second = {k: args.steps * args.batch / median(v) for k, v in times.items()}
-    ratio = per_second["cifar10 loader"] / per_second["random data"]
+    ratio = paired_ratio(times, "random data", "cifar10 loader")  # time ratio inverted = images/s ratio
     save("bench_data", {"images_per_second": per_second, "ratio": ratio, "steps": args.steps,
                         "repeats": args.repeats, "batch": args.batch, "machine": machine()})
     print(f"training images/s: random data {per_second['random data']:.0f}, CIFAR-10 loader "

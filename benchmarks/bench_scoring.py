@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, save, time_alternating  # noqa: E402
+from common import machine, median, paired_ratio, save, time_alternating  # noqa: E402
 
 from cpq_lib.classpath import score_classes  # noqa: E402
 from cpq_lib.classpath.reference import score_classes_per_image  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     reference = score_classes_per_image(model, subset, 10, data.classes)
     same = all(torch.equal(batched.scores[n], reference.scores[n]) for n in batched.layers)
     result = {"images": total_images, "seconds": seconds, "same_scores_on_subset": same,
-              "scoring_vs_training_pass": seconds["batched scoring"] / seconds["training pass"],
+              "scoring_vs_training_pass": paired_ratio(totals, "batched scoring", "training pass"),
               "per_image_vs_scoring": seconds["per-image loop"] / seconds["batched scoring"],
               "repeats": args.repeats, "machine": machine()}
     save("bench_scoring", result)

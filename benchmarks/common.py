@@ -36,6 +36,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> float:
+    """Median over rounds of ``variant / baseline`` timed back to back in the same round.
+
+    This machine's speed drifts and spikes over seconds (other tenants); a round's two timings share
+    that state, so the median of per-round ratios is steadier than the ratio of medians.
+    """
+    return statistics.median(v / b for v, b in zip(times[variant], times[baseline], strict=True))
+
+
 def machine() -> dict:
     return {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
 
