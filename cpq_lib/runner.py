@@ -44,6 +44,26 @@ def clean_stored_notebook(path: Path) -> None:
     nbformat.write(notebook, path)
 
 
+def kernel_manager_class() -> type | None:
+    """A kernel manager that asks for CurveZMQ transport encryption where jupyter_client offers it.
+
+    ipykernel >= 7.3 warns on every kernel start when kernel and client talk over plain TCP; with
+    keys provisioned ("auto": when the kernelspec declares support) the runner's output stays clean.
+    Older jupyter_client versions have no such policy: None keeps their default manager.
+    """
+    from jupyter_client import KernelManager
+
+    if "transport_encryption" not in KernelManager.class_trait_names():
+        return None
+
+    class EncryptedKernelManager(KernelManager):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.transport_encryption = "auto"
+
+    return EncryptedKernelManager
+
+
 def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures_dir: Path,
         selection: list[str] | None = None, store: bool = False, seed: int = 0) -> list[tuple[str, float]]:
     import papermill
@@ -59,13 +79,15 @@ def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures
                   "run_dir": os.path.relpath(run_dir, NOTEBOOKS), "figures_dir": os.path.relpath(figures_dir, NOTEBOOKS)}
     if data_root:
         parameters["data_root"] = os.path.abspath(data_root)
+    manager = kernel_manager_class()
+    engine_options = {"kernel_manager_class": manager} if manager is not None else {}
     timings = []
     for path in notebook_paths(selection):
         started = time.perf_counter()
         print(f"[{profile}] {path.name} ...", flush=True)
         output = path if store else executed_dir / path.name
         papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
-                                   kernel_name="python3", progress_bar=False, report_mode=False)
+                                   kernel_name="python3", progress_bar=False, report_mode=False, **engine_options)
         if store:
             clean_stored_notebook(output)
         timings.append((path.name, time.perf_counter() - started))

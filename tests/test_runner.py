@@ -40,10 +40,11 @@ def test_clean_stored_notebook_drops_paths_and_timings(tmp_path):
 
 
 @pytest.mark.slow
-def test_runner_executes_notebook_and_writes_figures(tmp_path):
+def test_runner_executes_notebook_and_writes_figures(tmp_path, capfd):
     timings = runner.run("quick", None, "cpu", tmp_path / "run", tmp_path / "figures", ["01"])
     assert [name for name, _ in timings] == ["01_baseline.ipynb"]
     assert (tmp_path / "run" / "notebooks" / "01_baseline.ipynb").is_file()
     assert (tmp_path / "run" / "01_baseline.json").is_file()
     written = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert written == ["01_learning_curve.pdf", "01_learning_curve.png", "01_per_class_accuracy.pdf", "01_per_class_accuracy.png"]
+    assert "without encryption" not in capfd.readouterr().err  # the kernel is started with transport keys
