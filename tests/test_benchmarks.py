@@ -25,7 +25,6 @@ def bench(monkeypatch, tmp_path):
 
     def run(name: str, *args: str) -> dict:
         module = importlib.import_module(name)
-        monkeypatch.setattr(module, "save", common.save)
         monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / f"{name}.py"), *args])
         assert module.main(list(args)) == 0
         record = json.loads((tmp_path / f"{name}.json").read_text())
