@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -53,8 +54,8 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = _f(5e-4, min=0.0, max=1.0)
     schedule: str = _f("onecycle", choices=("onecycle", "cosine", "step", "constant"))
-    warmup_epochs: float = _f(0.0, min=0.0)
-    milestones: list[float] = _f([0.5, 0.75])
+    warmup_epochs: float = _f(0.0, min=0.0, max=10_000.0)
+    milestones: list[float] = _f([0.5, 0.75], min=0.0, max=1.0)  # fractions of the run
     gamma: float = _f(0.1, min=0.0, max=1.0)
     label_smoothing: float = _f(0.0, min=0.0, max=0.99)
     channels_last: bool = True
@@ -65,6 +66,8 @@ class ExperimentConfig:
     profile: str = _f("quick", choices=PROFILES)
     seed: int = _f(0, min=0)
     device: str = _f("auto", choices=DEVICES)
+    threads: int | None = _f(None, min=1, max=1024)  # None: torch's default (one per core)
+    deterministic: bool = False  # deterministic kernels and CPU instruction set (see cpq_lib.runtime)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -106,6 +109,8 @@ def _check_scalar(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -135,22 +140,26 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         meta = fields[name].metadata
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{dotted}: {value!r} is not allowed; choose one of {list(meta['choices'])}")
-        if value is not None and "min" in meta and value < meta["min"]:
-            raise ConfigError(f"{dotted}: {value!r} is below the minimum {meta['min']}")
-        if value is not None and "max" in meta and value > meta["max"]:
-            raise ConfigError(f"{dotted}: {value!r} is above the maximum {meta['max']}")
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            label = f"{dotted}[{index}]" if isinstance(value, list) else dotted
+            if item is not None and "min" in meta and item < meta["min"]:
+                raise ConfigError(f"{label}: {item!r} is below the minimum {meta['min']}")
+            if item is not None and "max" in meta and item > meta["max"]:
+                raise ConfigError(f"{label}: {item!r} is above the maximum {meta['max']}")
         values[name] = value
     return cls(**values)
 
 
 def _profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "quick":
-        return {"profile": "quick", "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
+        # one thread and pinned kernels: the stored notebooks' numbers reproduce bit for bit (cpq_lib.runtime)
+        return {"profile": "quick", "threads": 1, "deterministic": True, "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
                 "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0}}
     if profile == "cifar10":
         # the recipe of the shipped resnet20 (see cpq_lib/models/pretrained/resnet20_cifar10.json)
         return {"profile": "cifar10", "data": {"name": "cifar10"}, "model": {"name": "resnet20", "pretrained": True},
-                "train": {"epochs": 80, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
+                "train": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
                           "label_smoothing": 0.1, "nesterov": True}}
     if profile == "paper":
         # thesis settings: 400 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4; meant for a GPU

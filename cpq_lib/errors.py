@@ -23,3 +23,7 @@ class ModelError(CpqError):
 
 class CheckpointError(CpqError):
     """A checkpoint file is missing, corrupted or does not match the requested model."""
+
+
+class TrainingError(CpqError):
+    """Training diverged (non-finite loss) or cannot continue with the given settings."""

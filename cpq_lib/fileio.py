@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,12 +14,43 @@ from typing import Any, Iterator
 import torch
 
 
+HOST = socket.gethostname().replace(".", "_") or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete ``path``'s temporary files left by killed writers on this host (their process is gone)."""
+    removed = []
+    prefix = f".{path.name}.{HOST}."
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        rest = leftover.name[len(prefix):] if leftover.name.startswith(prefix) else ""
+        pid_text = rest.split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; rename it onto ``path`` only on success."""
+    """Yield a temporary path in the same folder; rename it onto ``path`` only on success.
+
+    The temporary name carries this host and process id, so a later write to ``path`` can remove
+    what a killed writer left (``remove_stale_temporaries``) without touching a live writer's file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import torch
 
 from .config import ExperimentConfig, make_config
 from .data import DataBundle
@@ -22,6 +21,7 @@ from .fileio import atomic_write_json
 from .pipeline import load_data
 from .plots import save_figure, set_style
 from .provenance import run_record
+from .runtime import configure_runtime
 
 RUN_DIR_ENV = "CPQ_RUN_DIR"
 FIGURES_DIR_ENV = "CPQ_FIGURES_DIR"
@@ -33,6 +33,7 @@ class NotebookContext:
     data: DataBundle
     run_dir: Path
     figures_dir: Path
+    runtime: dict[str, Any]
 
     @property
     def device(self) -> str:
@@ -51,7 +52,8 @@ class NotebookContext:
     def summary(self) -> str:
         c = self.config
         return (f"profile={c.profile} seed={c.seed} device={self.device} data={c.data.name} "
-                f"model={c.model.name}{' (pretrained)' if c.model.pretrained else ''}")
+                f"model={c.model.name}{' (pretrained)' if c.model.pretrained else ''} "
+                f"threads={self.runtime['threads']} cpu={self.runtime['cpu_capability']}")
 
 
 def _folder(explicit: str | None, env: str, default: str) -> Path:
@@ -68,8 +70,8 @@ def setup(profile: str = "quick", seed: int = 0, data_root: str | None = None, d
     if data_root:
         values["data.root"] = str(data_root)
     config = make_config(profile, values)
-    torch.manual_seed(seed)
+    runtime = configure_runtime(config.seed, config.threads, config.deterministic)
     set_style()
     data = load_data(config)
     return NotebookContext(config, data, _folder(run_dir, RUN_DIR_ENV, f"../runs/{profile}"),
-                           _folder(figures_dir, FIGURES_DIR_ENV, f"../figures/{profile}"))
+                           _folder(figures_dir, FIGURES_DIR_ENV, f"../figures/{profile}"), runtime)

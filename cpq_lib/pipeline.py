@@ -16,7 +16,7 @@ from .config import ExperimentConfig
 from .data import DataBundle, load_dataset
 from .errors import CheckpointError
 from .models import build_model, load_checkpoint, load_pretrained, save_checkpoint
-from .provenance import environment_record
+from .provenance import code_fingerprint, environment_record
 from .train import evaluate, train_model
 from .fileio import atomic_write_json
 
@@ -42,9 +42,14 @@ def check_card_matches(card: dict[str, Any], data: DataBundle, path: str | os.Pa
     if recorded.get("classes") != data.classes:
         raise CheckpointError(f"class mismatch: checkpoint {path} was trained on classes {recorded.get('classes')}, the data has {data.classes}")
     if recorded.get("val_digest") != data.val_digest:
+        same_settings = (recorded.get("split_seed"), recorded.get("val_fraction")) == (data.split_seed, data.val_fraction)
+        cause = ("same split seed and fraction, so the data itself differs (another copy, or other images in "
+                 "the class folders)" if same_settings else
+                 f"it used split seed {recorded.get('split_seed')}, fraction {recorded.get('val_fraction')}; this data "
+                 f"uses seed {data.split_seed}, fraction {data.val_fraction}")
         raise CheckpointError(
-            f"checkpoint {path} was trained with another validation split (split seed {recorded.get('split_seed')}, "
-            f"fraction {recorded.get('val_fraction')}); this data uses seed {data.split_seed}, fraction {data.val_fraction}"
+            f"checkpoint {path} was trained with another validation split ({cause}; validation digests "
+            f"{recorded.get('val_digest')} vs {data.val_digest}): its validation images may be training images here"
         )
 
 
@@ -54,6 +59,10 @@ def final_report(model: nn.Module, data: DataBundle, device: str) -> dict[str, A
     test = evaluate(model, data.eval_loader("test"), data.num_classes, device)
     return {"val_accuracy": val.accuracy, "val_loss": val.loss, "test_accuracy": test.accuracy, "test_loss": test.loss,
             "per_class_test_accuracy": dict(zip(data.classes, test.per_class_accuracy))}
+
+
+# the code a trained baseline depends on: a cached one made by other code is trained again
+BASELINE_CODE = ("config", "data", "models", "runtime", "train")
 
 
 def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os.PathLike, *,
@@ -73,7 +82,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
         "wall_time_seconds": round(result.seconds, 1), "history": result.history,
         **final_report(model, data, device),
         "command": command or "python -m cpq_lib.train " + shlex.join(sys.argv[1:]),
-        "environment": environment_record(),
+        "environment": environment_record(), "code_fingerprint": code_fingerprint(*BASELINE_CODE),
     }
     save_checkpoint(model.cpu(), out / "model.pt", card)
     atomic_write_json(card, out / "model.json")
@@ -90,9 +99,15 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
     path = Path(run_dir) / "baseline" / "model.pt"
     if path.is_file():
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
-        if card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed:
+        same_run = (card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed
+                    and card.get("model_kwargs") == model_kwargs(config, data)
+                    and card.get("code_fingerprint") == code_fingerprint(*BASELINE_CODE)
+                    and card.get("data", {}).get("val_digest") == data.val_digest)
+        if same_run:
             check_card_matches(card, data, path)
             return model, card
+        for stale in (path, path.parent / "state.pt", path.parent / "log.jsonl"):  # another run's: start over
+            stale.unlink(missing_ok=True)
     return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model")
 
 
@@ -113,7 +128,7 @@ def class_scores(model: nn.Module, data: DataBundle, run_dir: str | os.PathLike,
     settings = settings or ScoreSettings()
     full_precision = excluded_names(model, DEFAULT_EXCLUDE if exclude is None else exclude)
     data_key = {"dataset": data.name, "split": split, "images_per_class": images_per_class, "seed": seed,
-                "val_digest": data.val_digest}
+                "val_digest": data.val_digest, "full_precision": sorted(full_precision)}
 
     def compute():
         loader = data.per_class_loader(images_per_class, split=split, seed=seed)

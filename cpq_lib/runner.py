@@ -11,9 +11,13 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .config import DEVICES, PROFILES
+from .notebook import FIGURES_DIR_ENV, RUN_DIR_ENV
+from .runtime import set_portable_environment
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -64,34 +68,66 @@ def kernel_manager_class() -> type | None:
     return EncryptedKernelManager
 
 
+@contextmanager
+def kernel_environment(profile: str) -> Iterator[None]:
+    """The environment notebook kernels start with, restored afterwards (callers keep theirs).
+
+    Progress bars off (they would fill stored outputs); no folder redirects (the runner passes its
+    folders); for `quick`, CPU kernels pinned before the kernels import torch (cpq_lib.runtime).
+    """
+    saved = dict(os.environ)
+    try:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.pop(RUN_DIR_ENV, None)
+        os.environ.pop(FIGURES_DIR_ENV, None)
+        if profile == "quick":
+            set_portable_environment()
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def notebook_parameters(profile: str, seed: int, device: str, data_root: str | None, run_dir: Path,
+                        figures_dir: Path) -> dict[str, object]:
+    """Parameters injected into every notebook.
+
+    Folders are passed only when they are not the notebooks' own defaults (../runs/<profile>,
+    ../figures/<profile>): stored notebooks then carry no folder, so the test suite can redirect their
+    outputs with CPQ_RUN_DIR / CPQ_FIGURES_DIR. Relative paths keep machine paths out of outputs.
+    """
+    parameters: dict[str, object] = {"profile": profile, "seed": seed, "device": device}
+    for name, folder, default in (("run_dir", run_dir, REPO / "runs" / profile),
+                                  ("figures_dir", figures_dir, REPO / "figures" / profile)):
+        if Path(folder).resolve() != default.resolve():
+            parameters[name] = os.path.relpath(folder, NOTEBOOKS)
+    if data_root:
+        parameters["data_root"] = os.path.abspath(data_root)
+    return parameters
+
+
 def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures_dir: Path,
         selection: list[str] | None = None, store: bool = False, seed: int = 0) -> list[tuple[str, float]]:
     import papermill
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill stored outputs
-    os.environ.pop("CPQ_RUN_DIR", None)
-    os.environ.pop("CPQ_FIGURES_DIR", None)
     executed_dir = run_dir / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    # paths relative to the notebooks folder keep machine paths out of stored outputs
-    parameters = {"profile": profile, "seed": seed, "device": device,
-                  "run_dir": os.path.relpath(run_dir, NOTEBOOKS), "figures_dir": os.path.relpath(figures_dir, NOTEBOOKS)}
-    if data_root:
-        parameters["data_root"] = os.path.abspath(data_root)
+    parameters = notebook_parameters(profile, seed, device, data_root, run_dir, figures_dir)
     manager = kernel_manager_class()
     engine_options = {"kernel_manager_class": manager} if manager is not None else {}
     timings = []
-    for path in notebook_paths(selection):
-        started = time.perf_counter()
-        print(f"[{profile}] {path.name} ...", flush=True)
-        output = path if store else executed_dir / path.name
-        papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
-                                   kernel_name="python3", progress_bar=False, report_mode=False, **engine_options)
-        if store:
-            clean_stored_notebook(output)
-        timings.append((path.name, time.perf_counter() - started))
-        print(f"[{profile}] {path.name} done in {timings[-1][1]:.1f} s", flush=True)
+    with kernel_environment(profile):
+        for path in notebook_paths(selection):
+            started = time.perf_counter()
+            print(f"[{profile}] {path.name} ...", flush=True)
+            output = path if store else executed_dir / path.name
+            papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
+                                       kernel_name="python3", progress_bar=False, report_mode=False, **engine_options)
+            if store:
+                clean_stored_notebook(output)
+            timings.append((path.name, time.perf_counter() - started))
+            print(f"[{profile}] {path.name} done in {timings[-1][1]:.1f} s", flush=True)
     return timings
 
 
@@ -104,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default=None, help="default: runs/<profile>")
     parser.add_argument("--figures-dir", default=None, help="default: figures/<profile>")
-    parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 03")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX", help="notebook name prefixes, e.g. 01 03")
     parser.add_argument("--store", action="store_true", help="write executed notebooks back into notebooks/")
     args = parser.parse_args(argv)
     if args.data_root and not Path(args.data_root).exists():

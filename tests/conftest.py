@@ -20,6 +20,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CPQ_FIGURES_DIR", str(scratch / "figures"))
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # the kernels the stored notebooks were executed with (see cpq_lib.runtime), before torch computes
+    from cpq_lib.runtime import set_portable_environment
+
+    set_portable_environment()
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,13 @@ from cpq_lib.data.sources import ImageTensors
 from cpq_lib.models import build_model
 
 
-def oracle_scores(model, images, labels, names, num_classes, target="logit", eps=0.0):
-    """The reference procedure: one image per forward/backward, retain_grad on each scored output."""
+def oracle_scores(model, images, labels, names, num_classes, target="logit", eps=0.0, aggregate="position"):
+    """The reference procedure in a plain loop: one image per forward/backward, retain_grad on each
+    scored output. Every image counts (the reference code skips each class's first image; we do not).
+
+    position: per class and position, the fraction of images with t > eps; then the max over positions.
+    image: per image, whether t > eps anywhere; then the fraction of images.
+    """
     modules = dict(model.named_modules())
     model.eval()
     hits = {}
@@ -31,12 +36,14 @@ def oracle_scores(model, images, labels, names, num_classes, target="logit", eps
         value.backward()
         for name in names:
             a, g = outputs[name], outputs[name].grad
-            t = (a * g).abs().detach()[0]
-            per_channel = t.amax(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
-            hits.setdefault(name, torch.zeros(num_classes, per_channel.numel()))
-            hits[name][y] += (per_channel > eps).float()
+            t = (a * g).abs().detach()[0]                # (C,) or (C, H, W)
+            active = (t > eps).float().reshape(t.shape[0], -1)  # (C, positions)
+            if aggregate == "image":
+                active = active.amax(1, keepdim=True)    # active anywhere in this image
+            hits.setdefault(name, torch.zeros(num_classes, *active.shape))
+            hits[name][y] += active
     counts = torch.bincount(labels, minlength=num_classes).float()
-    return {n: h / counts[:, None] for n, h in hits.items()}
+    return {n: (h / counts[:, None, None]).amax(2) for n, h in hits.items()}
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +57,13 @@ def _subset(data, per_class, split="train"):
     return torch.cat(images), torch.cat(labels), loader
 
 
+@pytest.mark.parametrize("aggregate", ["position", "image"])
 @pytest.mark.parametrize("target", ["logit", "loss"])
-def test_batched_equals_per_image_loop_on_trained_digits(trained_digits, digits, target):
+def test_batched_equals_per_image_loop_on_trained_digits(trained_digits, digits, target, aggregate):
     images, labels, loader = _subset(digits, 8)
-    scores = score_classes(trained_digits, loader, 10, digits.classes, ScoreSettings(target=target), progress=False)
-    reference = oracle_scores(trained_digits, images, labels, scores.layers, 10, target)
+    settings = ScoreSettings(target=target, aggregate=aggregate)
+    scores = score_classes(trained_digits, loader, 10, digits.classes, settings, progress=False)
+    reference = oracle_scores(trained_digits, images, labels, scores.layers, 10, target, aggregate=aggregate)
     assert scores.layers == ["stem.0", "features.0.0", "features.2.0", "classifier"]
     for name in scores.layers:
         assert torch.equal(scores.scores[name], reference[name]), name
@@ -63,25 +72,75 @@ def test_batched_equals_per_image_loop_on_trained_digits(trained_digits, digits,
     assert ((everything > 0) & (everything < 1)).any(), "scores should not be trivially 0 or 1"
 
 
-def test_batched_equals_per_image_loop_on_resnet20(cifar10):
+def test_default_is_the_reference_order():
+    assert ScoreSettings().aggregate == "position"
+    with pytest.raises(ScoringError, match="unknown aggregate 'pixel'.*position, image"):
+        ScoreSettings(aggregate="pixel")
+
+
+def _shipped_or_warmed_resnet20(cifar10):
     from cpq_lib.models import available_pretrained, load_pretrained
 
     if ("resnet20", "cifar10") in available_pretrained():
-        model, _ = load_pretrained("resnet20", "cifar10")
-    else:  # before the shipped checkpoint exists: a seeded model with real batch-norm statistics
-        torch.manual_seed(0)
-        model = build_model("resnet20", 10)
-        model.train()
-        with torch.no_grad():
-            model(cifar10.train.images[:512].float() / 255)
+        return load_pretrained("resnet20", "cifar10")[0]
+    torch.manual_seed(0)  # before the shipped checkpoint exists: a seeded model with real batch-norm statistics
+    model = build_model("resnet20", 10)
+    model.train()
+    with torch.no_grad():
+        model(cifar10.train.images[:512].float() / 255)
+    return model
+
+
+@pytest.mark.parametrize("aggregate", ["position", "image"])
+def test_batched_equals_per_image_loop_on_resnet20(cifar10, aggregate):
+    model = _shipped_or_warmed_resnet20(cifar10)
     images, labels, loader = _subset(cifar10, 3)
-    scores = score_classes(model, loader, 10, cifar10.classes, progress=False)
-    reference = oracle_scores(model, images, labels, scores.layers, 10)
+    scores = score_classes(model, loader, 10, cifar10.classes, ScoreSettings(aggregate=aggregate), progress=False)
+    reference = oracle_scores(model, images, labels, scores.layers, 10, aggregate=aggregate)
     assert len(scores.layers) == 22
     for name in scores.layers:
         assert torch.equal(scores.scores[name], reference[name]), name
     everything = torch.cat([s.flatten() for s in scores.scores.values()])
     assert ((everything > 0) & (everything < 1)).any() and (everything == 1).any()
+
+
+def test_reference_order_scores_are_informative_on_the_shipped_resnet20(cifar10):
+    """On the trained network with 20 images per class, the reference order spreads scores inside layers
+    and tells classes apart, where the image order marks almost every channel important to every class."""
+    model = _shipped_or_warmed_resnet20(cifar10)
+    loader = cifar10.per_class_loader(20, split="train", seed=0)
+    position = score_classes(model, loader, 10, cifar10.classes, progress=False)
+    image = score_classes(model, loader, 10, cifar10.classes, ScoreSettings(aggregate="image"), progress=False)
+    inner = [n for n in position.layers if n.startswith("layer")]
+    saturated = {name: float((s.scores[name] >= 0.95).all(0).double().mean()) for s, name in
+                 [(position, n) for n in inner]}
+    saturated_image = {name: float((image.scores[name] >= 0.95).all(0).double().mean()) for name in inner}
+    # image order: in most inner layers nearly every channel scores >= 0.95 for every class
+    assert sum(v > 0.8 for v in saturated_image.values()) >= len(inner) // 2
+    # position order: a real spread within layers (interquartile range), far fewer saturated channels
+    for name in ("layer2.1.conv1", "layer3.1.conv1"):
+        q1, q3 = torch.quantile(position.scores[name].flatten().double(), torch.tensor([0.25, 0.75], dtype=torch.float64))
+        assert float(q3 - q1) > 0.1, (name, float(q1), float(q3))
+    assert sum(saturated.values()) < 0.5 * sum(saturated_image.values())
+    # classes differ: per layer, some channel's scores differ across classes by a wide margin, and no
+    # two classes have identical score vectors
+    flat = torch.cat([position.scores[n] for n in inner], dim=1)
+    spread = [float((position.scores[n].amax(0) - position.scores[n].amin(0)).max()) > 0.3 for n in inner]
+    assert sum(spread) >= 0.75 * len(inner), spread
+    distances = torch.cdist(flat.double(), flat.double())
+    assert float(distances[~torch.eye(10, dtype=torch.bool)].min()) > 0.5
+
+
+def test_digits_classes_have_different_scores(trained_digits, digits):
+    """Informativeness on the quick tier: every pair of classes differs, and each class has its own
+    top channels (a scorer returning the same vector for every class would fail)."""
+    loader = digits.per_class_loader(20, split="train", seed=0)
+    scores = score_classes(trained_digits, loader, 10, digits.classes, progress=False)
+    flat = torch.cat([scores.scores[n] for n in scores.layers if n != "classifier"], dim=1).double()
+    distances = torch.cdist(flat, flat)
+    assert float(distances[~torch.eye(10, dtype=torch.bool)].min()) > 0.1
+    top = {tuple(torch.topk(row, 10).indices.sort().values.tolist()) for row in flat}
+    assert len(top) >= 5, "classes should not share one set of most important channels"
 
 
 def test_dead_channel_scores_zero(trained_digits, digits):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cpq_lib.data import Augment, TensorBatchLoader, random_crop_flip
@@ -9,12 +10,40 @@ def _tensors(n=10):
     return ImageTensors(images, torch.arange(n) % 3)
 
 
+def _indexed(n=23):
+    """Image i is filled with the value i and labelled i: batches reveal which images they hold."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    return ImageTensors(images, torch.arange(n))
+
+
 def test_batches_cover_every_image_once_in_range():
     loader = TensorBatchLoader(_tensors(), batch_size=4, shuffle=True, seed=1)
     seen = torch.cat([labels for _, labels in loader])
     images = torch.cat([x for x, _ in loader])
     assert len(loader) == 3 and seen.shape == (10,) and images.shape == (10, 3, 4, 4)
     assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+
+
+@pytest.mark.parametrize("shuffle,augment", [(False, None), (True, None), (True, Augment(pad=1, flip=True))])
+def test_every_image_exactly_once_per_epoch_with_its_own_label(shuffle, augment):
+    data = _indexed()
+    loader = TensorBatchLoader(data, batch_size=5, shuffle=shuffle, augment=augment, seed=3)
+    orders = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        labels, images = zip(*[(y, x) for x, y in loader])
+        labels, images = torch.cat(labels), torch.cat(images)
+        assert sorted(labels.tolist()) == list(range(len(data)))  # each exactly once, none dropped
+        # the image travels with its label: its largest pixel is its index (padding only adds zeros)
+        assert torch.equal((images.flatten(1).amax(1) * 255).round().long(), labels)
+        orders.append(labels.tolist())
+    assert (orders[0] != orders[1]) == shuffle  # shuffled epochs differ, unshuffled ones do not
+
+
+def test_drop_last_drops_only_the_short_batch():
+    loader = TensorBatchLoader(_indexed(23), batch_size=5, shuffle=True, seed=0, drop_last=True)
+    labels = torch.cat([y for _, y in loader])
+    assert len(loader) == 4 and labels.numel() == 20 and labels.unique().numel() == 20
 
 
 def test_order_depends_only_on_seed_and_epoch():

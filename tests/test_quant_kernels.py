@@ -30,8 +30,10 @@ def test_inference_kernel_is_bit_identical_to_torch(fresh_kernels, shape, channe
     zp = torch.tensor(zero_point, dtype=torch.int32)
     expected = fake_quantize_per_tensor(x, scale, zp, qmin, qmax)
     arguments = kernels.inference_arguments(scale, zp, qmin, qmax)
+    compiled = kernels.FAKE_QUANTIZE.calls["compiled"]
     out = kernels.fake_quantize_inference(x, arguments, lambda: pytest.fail("fell back"))
     assert torch.equal(out, expected) and out.stride() == x.stride()
+    assert kernels.FAKE_QUANTIZE.calls["compiled"] == compiled + 1
 
 
 def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
@@ -46,9 +48,10 @@ def test_switch_off_and_fallback_on_failure(fresh_kernels, monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(kernels.FAKE_QUANTIZE, "compiled", broken)
+    eager = kernels.FAKE_QUANTIZE.calls["eager"]
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         assert kernels.fake_quantize_inference(x, arguments, lambda: "torch kernel") == "torch kernel"
-    assert not kernels.compiled_kernels_enabled()
+    assert not kernels.compiled_kernels_enabled() and kernels.FAKE_QUANTIZE.calls["eager"] == eager + 1
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -58,10 +61,30 @@ def test_fused_reductions_match_eager(fresh_kernels, channels_last):
     a = torch.relu(a)  # exact zeros, as after ReLU
     if channels_last:
         a, g = a.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    before = (dict(kernels.TAYLOR_MAX.calls), dict(kernels.MEAN_ABS.calls))
     assert torch.equal(kernels.taylor_max(a, g), (a * g).abs().flatten(2).amax(2))
     assert torch.allclose(kernels.mean_abs(g), g.abs().flatten(2).mean(2))
+    # the compiled kernels ran (a silent fall-back to eager would pass the comparisons above)
+    assert kernels.TAYLOR_MAX.calls["compiled"] == before[0]["compiled"] + 1
+    assert kernels.MEAN_ABS.calls["compiled"] == before[1]["compiled"] + 1
+    assert (kernels.TAYLOR_MAX.calls["eager"], kernels.MEAN_ABS.calls["eager"]) == (before[0]["eager"], before[1]["eager"])
     flat = torch.randn(3, 7, generator=generator)
     assert torch.equal(kernels.taylor_max(flat, flat), flat * flat)
+
+
+def test_quantized_inference_runs_the_compiled_kernel(fresh_kernels):
+    from cpq_lib.models import build_model
+    from cpq_lib.quant import QuantConfig, calibrate_, quantize_
+
+    torch.manual_seed(0)
+    model = quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(4, 4)).eval()
+    x = torch.rand(8, 1, 8, 8)
+    calibrate_(model, [(x, None)])
+    before = dict(kernels.FAKE_QUANTIZE.calls)
+    with torch.no_grad():
+        model(x)
+    assert kernels.FAKE_QUANTIZE.calls["compiled"] == before["compiled"] + 2  # one per quantized layer's input
+    assert kernels.FAKE_QUANTIZE.calls["eager"] == before["eager"]
 
 
 def test_first_compile_logs_no_cuda_home_warning():

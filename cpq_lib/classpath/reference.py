@@ -2,6 +2,8 @@
 
 Kept as the baseline that benchmarks compare the batched scorer against (and as documentation of
 what the batched scorer must reproduce). Slow by design; use ``score_classes`` for real work.
+Like the batched scorer it asks autograd for activation gradients only (parameters frozen), so the
+two differ in one thing: one image per pass instead of a batch.
 """
 
 from __future__ import annotations
@@ -17,42 +19,40 @@ from .scoring import ClassScores, ScoreSettings, scored_modules, scoring_mode
 
 def score_classes_per_image(model: nn.Module, batches: Iterable, num_classes: int, class_names: Sequence[str] | None = None,
                             settings: ScoreSettings = ScoreSettings(), device: str | torch.device = "cpu") -> ClassScores:
-    """Taylor scores image by image with ``retain_grad`` on every scored output."""
+    """Taylor scores image by image (``settings.aggregate``: position or image order)."""
     if settings.scorer != "taylor":
         raise ValueError("the per-image reference implements the Taylor scorer only")
     modules = scored_modules(model, settings.modules)
     hits: dict[str, torch.Tensor] = {}
     counts = torch.zeros(num_classes)
-    with scoring_mode(model):
-        for p in model.parameters():  # the reference lets gradients reach the weights
-            p.requires_grad_(True)
+    with scoring_mode(model) as out_of_place:
+        out_of_place()  # each scored output must survive until its gradient is read
         for images, labels in batches:
             for x, y in zip(images.to(device), labels.to(device)):
                 outputs: dict[str, torch.Tensor] = {}
 
                 def keep(module, inputs, output, name):
-                    output.retain_grad()
                     outputs[name] = output
 
                 handles = [m.register_forward_hook(lambda mod, i, o, n=n: keep(mod, i, o, n)) for n, m in modules]
                 try:
-                    logits = model(x[None])
+                    logits = model(x[None].requires_grad_(True))
                 finally:
                     for handle in handles:
                         handle.remove()
                 target = logits[0, y] if settings.target == "logit" else F.cross_entropy(logits, y[None])
-                model.zero_grad(set_to_none=True)
-                target.backward()
-                for name, module in modules:
-                    t = (outputs[name] * outputs[name].grad).abs()[0]
+                grads = torch.autograd.grad(target, [outputs[n] for n, _ in modules])
+                for (name, module), grad in zip(modules, grads):
+                    t = (outputs[name].detach() * grad).abs()[0]
                     if isinstance(module, nn.Linear) and t.dim() > 1:
                         t = t.movedim(-1, 0)
-                    per_channel = t.flatten(1).amax(1) if t.dim() > 1 else t
-                    hits.setdefault(name, torch.zeros(num_classes, per_channel.numel()))
-                    hits[name][int(y)] += (per_channel > settings.eps).float().cpu()
+                    active = (t > settings.eps).float().reshape(t.shape[0], -1)  # (channels, positions)
+                    if settings.aggregate == "image":
+                        active = active.amax(1, keepdim=True)
+                    hits.setdefault(name, torch.zeros(num_classes, *active.shape))
+                    hits[name][int(y)] += active.cpu()
                 counts[int(y)] += 1
-        model.zero_grad(set_to_none=True)
     names = [n for n, _ in modules]
-    return ClassScores({n: hits[n] / counts[:, None] for n in names}, list(class_names or range(num_classes)),
+    return ClassScores({n: (hits[n] / counts[:, None, None]).amax(2) for n in names}, list(class_names or range(num_classes)),
                        counts.long().tolist(), [], {"scorer": "taylor", "target": settings.target, "eps": settings.eps,
-                                                    "reference": "per-image"})
+                                                    "aggregate": settings.aggregate, "reference": "per-image"})

@@ -1,8 +1,12 @@
 """Class-importance scores per (class, channel), batched: one forward and one backward per batch.
 
-ClassPathQ's score of channel k for class c is the fraction of class-c images whose first-order
-Taylor term ``|a_k(x) * d target / d a_k(x)|`` exceeds ``eps`` somewhere (max over spatial positions).
-The reference computes it one image per backward pass. In eval mode the images of a batch are
+ClassPathQ's score of channel k for class c is built from the first-order Taylor term
+``t = |a_k(x) * d target / d a_k(x)|`` at every spatial position p. The reference code
+(``get_neuron_score_for_path``) takes, per position, the fraction of class-c images with ``t > eps``
+and then the max over positions: ``score[c, k] = max_p mean_{x in c} [t_{x,k,p} > eps]``; that is
+our default (``aggregate="position"``, accumulators of classes x positions x channels). The other
+order, ``mean_x max_p``, is available as ``aggregate="image"``.
+The reference computes one image per backward pass. In eval mode the images of a batch are
 independent, so one backward of ``sum_i target_i(x_i)`` yields every image's own gradient at once.
 We ask autograd only for activation gradients (parameters are frozen for the pass), so no weight
 gradients are computed, and reduce each activation as soon as its gradient arrives (a tensor hook)
@@ -31,12 +35,15 @@ from torch import nn
 from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
+from ..provenance import code_fingerprint
 from ..quant.kernels import mean_abs, taylor_max
 from ..quant.transform import quantizable_layers
 from ..train.evaluate import memory_format_of
 
 SCORERS = ("taylor", "activation", "gradient")
+SCORING_CODE = ("classpath/scoring", "quant/kernels")  # cached scores made by other code are recomputed
 TARGETS = ("logit", "loss")
+AGGREGATES = ("position", "image")
 FORMAT = "cpq-class-scores/1"
 
 
@@ -46,16 +53,27 @@ class ScoringError(CpqError):
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """What is scored and how. ``taylor`` gives fractions of images; the others per-class means."""
+    """What is scored and how. ``taylor`` gives fractions of images; the others per-class means.
+
+    ``aggregate`` is the order of the two reductions. ``"position"`` (the reference's order, default):
+    per class and spatial position, the mean over the class's images, then the max over positions;
+    for ``taylor`` that is ``max_p mean_i [t_ip > eps]``. ``"image"``: per image, the max (taylor) or
+    mean (activation, gradient) over positions, then the mean over images; for ``taylor`` that is
+    ``mean_i max_p [t_ip > eps]``, which is close to 1 for nearly every channel of a trained ResNet
+    (some position of every channel is active in almost every image) and so carries little information.
+    """
 
     scorer: str = "taylor"
     target: str = "logit"
     eps: float = 0.0  # the reference's 1e-50 underflows to 0 in float32: "exceeds eps" = "is non-zero"
     modules: tuple[str, ...] | None = None  # None: every Conv2d/Linear output
+    aggregate: str = "position"
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise ScoringError(f"unknown scorer {self.scorer!r}; allowed: {', '.join(SCORERS)}")
+        if self.aggregate not in AGGREGATES:
+            raise ScoringError(f"unknown aggregate {self.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
         if self.target not in TARGETS:
             raise ScoringError(f"unknown target {self.target!r}; allowed: {', '.join(TARGETS)}")
         if self.eps < 0:
@@ -160,6 +178,18 @@ def per_image_statistic(a: torch.Tensor, g: torch.Tensor | None, scorer: str) ->
     return mean_abs(a if scorer == "activation" else g)
 
 
+def per_position_values(a: torch.Tensor, g: torch.Tensor | None, scorer: str, eps: float) -> torch.Tensor:
+    """(B, positions, C): [|a*g| > eps] as 0/1 (taylor), |a| (activation) or |g| (gradient).
+
+    Channels go last so that a channels_last activation flattens without a copy.
+    """
+    if scorer == "taylor":
+        values = ((a * g).abs() > eps).to(torch.float32)
+    else:
+        values = (a if scorer == "activation" else g).abs().to(torch.float64)
+    return values.movedim(1, -1).reshape(values.shape[0], -1, values.shape[1])
+
+
 def _score_batch(model: nn.Module, modules: list[tuple[str, nn.Module]], images: torch.Tensor, labels: torch.Tensor,
                  num_classes: int, settings: ScoreSettings) -> dict[str, torch.Tensor] | None:
     """Per-class sums of the per-image statistic for one batch; None if a scored output was modified in place."""
@@ -169,16 +199,28 @@ def _score_batch(model: nn.Module, modules: list[tuple[str, nn.Module]], images:
     outputs: dict[str, tuple[torch.Tensor, int]] = {}
 
     def record(name: str, is_linear: bool, a: torch.Tensor, g: torch.Tensor | None) -> None:
-        stat = per_image_statistic(_channel_first(a.detach(), is_linear),
-                                   None if g is None else _channel_first(g, is_linear), settings.scorer)
+        a = _channel_first(a.detach(), is_linear)
+        g = None if g is None else _channel_first(g, is_linear)
+        if settings.aggregate == "position":
+            # (classes, positions, channels) sums: 0/1 counts are exact in float32 (< 2^24 images)
+            values = per_position_values(a, g, settings.scorer, settings.eps)
+            sums[name] = torch.einsum("bk,bpc->kpc", one_hot.to(values.dtype), values).cpu()
+            return
+        stat = per_image_statistic(a, g, settings.scorer)
         if settings.scorer == "taylor":
             stat = stat > settings.eps
         # per-class sums as one small matmul (index_add_ on these strided slices is ~100x slower)
         sums[name] = (one_hot.T @ stat.to(torch.float64)).cpu()
 
+    called: set[str] = set()
+
     def forward_hook(module: nn.Module, output: torch.Tensor, name: str) -> None:
         if not isinstance(output, torch.Tensor):
             raise ScoringError(f"module {name!r} does not return a tensor; score another module")
+        if name in called:  # weight sharing: which call's activation is "the channel" is undefined
+            raise ScoringError(f"module {name!r} is called more than once per forward pass (shared weights); "
+                               f"scores are defined per call: score modules that run once (ScoreSettings(modules=...))")
+        called.add(name)
         is_linear = isinstance(module, nn.Linear)
         if not needs_grad:
             record(name, is_linear, output, None)
@@ -236,7 +278,10 @@ def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_n
     if empty:
         label = [class_names[c] for c in empty] if class_names else empty
         raise ScoringError(f"class(es) {label} have no images in the scoring data; every class needs at least one")
-    scores = {n: (totals[n] / per_class[:, None].double()).float() for n in names}
+    if settings.aggregate == "position":  # mean over each class's images per position, then max over positions
+        scores = {n: (totals[n].double() / per_class[:, None, None].double()).amax(1).float() for n in names}
+    else:
+        scores = {n: (totals[n] / per_class[:, None].double()).float() for n in names}
     return ClassScores(scores, list(class_names or [str(c) for c in range(num_classes)]), per_class.tolist(),
                        [n for n in names if n in set(full_precision)], asdict(settings))
 
@@ -252,7 +297,8 @@ def state_fingerprint(model: nn.Module) -> str:
 
 def cached_scores(cache_dir: str | os.PathLike, model: nn.Module, data_key: dict[str, Any], compute, settings: ScoreSettings) -> ClassScores:
     """Load scores for (model state, data, settings) from ``cache_dir`` or compute and store them."""
-    key_source = json.dumps({"model": state_fingerprint(model), "data": data_key, "settings": asdict(settings)}, sort_keys=True)
+    key_source = json.dumps({"model": state_fingerprint(model), "data": data_key, "settings": asdict(settings),
+                             "code": code_fingerprint(*SCORING_CODE)}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"scores-{key}.pt"
     if path.is_file():

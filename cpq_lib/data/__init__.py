@@ -121,6 +121,10 @@ def _read_source(name: str, root: str | os.PathLike | None, download: bool) -> S
         raise DataError(f"data root {path} does not exist; give a zip, an image-folder root or a torchvision root for {name}")
     if path.is_dir() and (download or (path / TORCHVISION_FOLDERS[name]).is_dir()):
         return read_torchvision_cifar(name, path, download)
+    others = [other for other, folder in TORCHVISION_FOLDERS.items() if other != name and (path / folder).is_dir()]
+    if path.is_dir() and others:
+        raise DataError(f"data root {path} holds {TORCHVISION_FOLDERS[others[0]]} ({others[0]}), not {name}'s "
+                        f"{TORCHVISION_FOLDERS[name]}; ask for {others[0]!r} or give a root that holds {name}")
     return read_image_folder(path)
 
 
@@ -135,6 +139,10 @@ def load_dataset(
     """Load a data set by name and split it deterministically into train / val / test."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise DataError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     source = _read_source(name, root, download)
     expected = EXPECTED_CLASS_COUNT.get(name)
     if expected is not None and len(source.classes) != expected:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
+
 from ..progress import progress
 
 from ..errors import DataError
@@ -170,11 +172,13 @@ def read_image_folder(root: str | os.PathLike) -> SourceData:
         key = _listing_key(train_items + test_items, folder)
         source["listing_sha256"] = key
     decoded = cache_dir() / "decoded" / key[:16]
-    cached = _load_decoded(decoded, train_classes)
-    if cached is not None:
-        return SourceData(cached[0], cached[1], train_classes, source)
-    parts = (_decode(train_items, f"{root.name}/train"), _decode(test_items, f"{root.name}/test"))
-    _save_decoded(decoded, parts, train_classes)
+    decoded.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(decoded.parent / f"{decoded.name}.lock")):  # one process decodes, the others wait and reuse
+        cached = _load_decoded(decoded, train_classes)
+        if cached is not None:
+            return SourceData(cached[0], cached[1], train_classes, source)
+        parts = (_decode(train_items, f"{root.name}/train"), _decode(test_items, f"{root.name}/test"))
+        _save_decoded(decoded, parts, train_classes)
     return SourceData(parts[0], parts[1], train_classes, source)
 
 

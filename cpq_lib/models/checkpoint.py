@@ -49,6 +49,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path} has format {found!r}; expected {FORMAT!r}")
+    card, state = payload.get("card"), payload.get("state_dict")
+    if not isinstance(card, dict):
+        raise CheckpointError(f"checkpoint {path} has no model card (a mapping under 'card'); it cannot be rebuilt")
+    missing = [key for key in ("model", "model_kwargs") if key not in card]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: its model card lacks {missing}; it needs 'model' and 'model_kwargs'")
+    if not isinstance(card["model_kwargs"], dict):
+        raise CheckpointError(f"checkpoint {path}: the card's 'model_kwargs' must be a mapping, got {type(card['model_kwargs']).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} has no weights (a mapping of tensors under 'state_dict')")
     return payload
 
 

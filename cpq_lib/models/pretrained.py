@@ -32,4 +32,18 @@ def load_pretrained(model: str, dataset: str) -> tuple[nn.Module, dict[str, Any]
 
 
 def pretrained_card(model: str, dataset: str) -> dict[str, Any]:
-    return json.loads(pretrained_path(model, dataset).with_suffix(".json").read_text(encoding="utf-8"))
+    """The JSON model card shipped beside the checkpoint."""
+    return read_card(pretrained_path(model, dataset).with_suffix(".json"))
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """A model card from JSON, with errors that name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"model card {path} does not exist")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"model card {path} is not valid JSON: {exc}") from exc
+    if not isinstance(card, dict):
+        raise CheckpointError(f"model card {path} must hold a JSON object, got {type(card).__name__}")
+    return card

@@ -59,6 +59,10 @@ class BitPlan:
     layers: dict[str, LayerBits]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta, dict):
+            raise BitPlanError(f"BitPlan meta must be a mapping, got {type(self.meta).__name__}")
+
     # --- construction -----------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, **meta: Any) -> "BitPlan":
@@ -132,7 +136,10 @@ class BitPlan:
                 raise BitPlanError(f"layer {name!r}: unknown field(s) {sorted(extra)}; allowed: weight, activation")
             parsed[name] = LayerBits(_check_bit_list(entry["weight"], f"{name}.weight"),
                                      None if entry.get("activation") is None else _check_bit_list([entry["activation"]], f"{name}.activation")[0])
-        return cls(parsed, dict(data.get("meta", {})))
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise BitPlanError(f"BitPlan 'meta' must be a mapping of names to values, got {type(meta).__name__} {meta!r:.80}")
+        return cls(parsed, dict(meta))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

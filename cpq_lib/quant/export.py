@@ -29,7 +29,7 @@ from .primitives import dequantize_codes, integer_range
 from .transform import quantized_layers
 
 MAGIC = b"CPQPACK1"
-DTYPES = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16, "float32": np.float32}
+DTYPES = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16, "uint16": np.uint16, "float32": np.float32}
 
 
 def _offsets(bits: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -73,7 +73,7 @@ def _layer_entries(name: str, layer: QuantizedLayer) -> dict[str, np.ndarray]:
         f"{name}:scale": q.scale.detach().cpu().numpy().astype(np.float32),
     }
     if q.zero_point is not None:
-        entries[f"{name}:zero_point"] = q.zero_point.cpu().numpy().astype(np.int16)
+        entries[f"{name}:zero_point"] = q.zero_point.cpu().numpy().astype(np.uint16)  # 0..65535 at 16 bits
     if q.granularity == "block":
         entries[f"{name}:row_groups"] = q.row_groups.cpu().numpy().astype(np.int16)
         entries[f"{name}:col_groups"] = q.col_groups.cpu().numpy().astype(np.int16)
@@ -84,7 +84,7 @@ def _layer_entries(name: str, layer: QuantizedLayer) -> dict[str, np.ndarray]:
         entries[f"{name}:act_scale"] = np.array([float(a.scale)], dtype=np.float32)
         entries[f"{name}:act_info"] = np.array([int(a.bits), int(a.signed)], dtype=np.int8)
         if not a.symmetric:
-            entries[f"{name}:act_zero_point"] = np.array([int(a.zero_point)], dtype=np.int16)
+            entries[f"{name}:act_zero_point"] = np.array([int(a.zero_point)], dtype=np.uint16)
     return entries
 
 
@@ -119,10 +119,16 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
         header = json.loads(zlib.decompress(data[start:start + length]))
     except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupted header ({exc})") from exc
+    entries = header.get("entries") if isinstance(header, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
+            and isinstance(e[2], list) and all(isinstance(d, int) and d >= 0 for d in e[2]) for e in entries):
+        raise CheckpointError(f"{path}: the header has no valid 'entries' list of [name, dtype, shape]; the file is damaged "
+                              f"or not written by export_packed")
     offset, arrays = start + length, {}
-    for key, dtype, shape in header["entries"]:
-        if dtype not in DTYPES and dtype != "uint8":
-            raise CheckpointError(f"{path}: entry {key!r} has unsupported dtype {dtype!r}")
+    for key, dtype, shape in entries:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: entry {key!r} has unsupported dtype {dtype!r}; allowed: {sorted(DTYPES)}")
         count = int(np.prod(shape)) if shape else 1
         size = count * np.dtype(DTYPES[dtype]).itemsize
         if offset + size > len(data):
@@ -131,55 +137,107 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
         offset += size
     if offset != len(data):
         raise CheckpointError(f"{path}: {len(data) - offset} unexpected trailing bytes")
-    return arrays, header.get("meta", {})
+    meta = header.get("meta", {})
+    return arrays, meta if isinstance(meta, dict) else {}
+
+
+def _entry(arrays: dict[str, np.ndarray], key: str, path: str | os.PathLike) -> np.ndarray:
+    if key not in arrays:
+        raise CheckpointError(f"{path}: entry {key!r} is missing")
+    return arrays[key]
+
+
+def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray], path: str | os.PathLike) -> dict[str, Any]:
+    """Everything ``import_packed`` will write into one layer, checked against the layer's shapes."""
+    q = layer.weight_quantizer
+    bits = torch.from_numpy(_entry(arrays, f"{name}:bits", path).astype(np.int64))
+    if bits.shape != q.bits.shape:
+        raise CheckpointError(f"{path}: layer {name!r} has {bits.numel()} channels, the model {q.bits.numel()}")
+    if bits.numel() and int(bits.max()) > 16:
+        raise CheckpointError(f"{path}: layer {name!r} has bit-widths above 16")
+    values: dict[str, Any] = {"bits": bits}
+    row_groups, col_groups = q.row_groups, q.col_groups
+    if f"{name}:row_groups" in arrays:
+        row_groups = torch.from_numpy(_entry(arrays, f"{name}:row_groups", path).astype(np.int64))
+        col_groups = torch.from_numpy(_entry(arrays, f"{name}:col_groups", path).astype(np.int64))
+        if row_groups.shape != q.row_groups.shape or col_groups.shape != q.col_groups.shape:
+            raise CheckpointError(f"{path}: layer {name!r} has block maps that do not fit its weight")
+        values["groups"] = (row_groups, col_groups)
+    blocks = (int(row_groups.max()) + 1, int(col_groups.max()) + 1)
+    scale = torch.from_numpy(_entry(arrays, f"{name}:scale", path))
+    if tuple(scale.shape) != blocks:
+        raise CheckpointError(f"{path}: layer {name!r} has scales of shape {tuple(scale.shape)}, its blocks need {blocks}")
+    values["scale"] = scale
+    zero_point = None
+    if q.zero_point is not None:
+        zero_point = torch.from_numpy(_entry(arrays, f"{name}:zero_point", path).astype(np.float32))
+        if tuple(zero_point.shape) != blocks:
+            raise CheckpointError(f"{path}: layer {name!r} has zero points of shape {tuple(zero_point.shape)}, expected {blocks}")
+        values["zero_point"] = zero_point
+    per_row = layer.weight[0].numel()
+    packed = _entry(arrays, f"{name}:codes", path)
+    if packed.size * 8 < int(bits.sum()) * per_row:
+        raise CheckpointError(f"{path}: layer {name!r} holds {packed.size} bytes of codes, its bit-widths need more")
+    codes = unpack_codes(packed, bits, per_row, q.symmetric).view(layer.weight.shape)
+    expand = lambda v: v[row_groups][:, col_groups].view(q.weight_shape) if v.shape[1] > 1 else v[row_groups].view(q.weight_shape[0], *(1,) * (len(q.weight_shape) - 1))  # noqa: E731
+    values["weight"] = dequantize_codes(codes, expand(scale), None if zero_point is None else expand(zero_point))
+    if layer.bias is not None:
+        bias = torch.from_numpy(_entry(arrays, f"{name}:bias", path))
+        if bias.shape != layer.bias.shape:
+            raise CheckpointError(f"{path}: layer {name!r} has a bias of {bias.numel()} values, the model {layer.bias.numel()}")
+        values["bias"] = bias
+    a = layer.input_quantizer
+    if f"{name}:act_scale" in arrays and a is not None:
+        bits_a, signed = (int(v) for v in _entry(arrays, f"{name}:act_info", path))
+        values["act"] = (float(arrays[f"{name}:act_scale"][0]), bits_a, signed,
+                         int(arrays[f"{name}:act_zero_point"][0]) if f"{name}:act_zero_point" in arrays else None)
+    return values
 
 
 @torch.no_grad()
 def import_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a packed file into a quantized model of the same structure (in place)."""
+    """Load a packed file into a quantized model of the same structure (in place).
+
+    Every entry is read and checked against the model first; only then is anything written, so a
+    file that does not fit leaves the model as it was.
+    """
     arrays, _ = read_packed(path)
     layers = dict(quantized_layers(model))
     packed_layers = {key.split(":")[0] for key in arrays if ":" in key}
     if packed_layers != set(layers):
         raise CheckpointError(f"{path} does not fit this model: layers differ "
                               f"(only in file: {sorted(packed_layers - set(layers))[:3]}, only in model: {sorted(set(layers) - packed_layers)[:3]})")
-    for name, layer in layers.items():
-        q = layer.weight_quantizer
-        bits = torch.from_numpy(arrays[f"{name}:bits"].astype(np.int64))
-        if bits.shape != q.bits.shape:
-            raise CheckpointError(f"{path}: layer {name!r} has {bits.numel()} channels, the model {q.bits.numel()}")
-        if f"{name}:row_groups" in arrays:
-            q.set_groups(torch.from_numpy(arrays[f"{name}:row_groups"].astype(np.int64)),
-                         torch.from_numpy(arrays[f"{name}:col_groups"].astype(np.int64)))
-        scale = torch.from_numpy(arrays[f"{name}:scale"])
-        if scale.shape != q.scale.shape:
-            raise CheckpointError(f"{path}: layer {name!r} has scales of shape {tuple(scale.shape)}, the model {tuple(q.scale.shape)}")
-        q.bits.copy_(bits)
-        q.scale.copy_(scale)
-        zero_point = None
-        if q.zero_point is not None:
-            q.zero_point.copy_(torch.from_numpy(arrays[f"{name}:zero_point"].astype(np.float32)))
-            zero_point = q._expand(q.zero_point)
-        per_row = layer.weight[0].numel()
-        codes = unpack_codes(arrays[f"{name}:codes"], bits, per_row, q.symmetric).view(layer.weight.shape)
-        layer.weight.copy_(dequantize_codes(codes, q._expand(q.scale), zero_point))
-        q.initialized.fill_(True)
-        if layer.bias is not None:
-            layer.bias.copy_(torch.from_numpy(arrays[f"{name}:bias"]))
-        a = layer.input_quantizer
-        if f"{name}:act_scale" in arrays and a is not None:
-            a.scale.fill_(float(arrays[f"{name}:act_scale"][0]))
-            bits_a, signed = (int(v) for v in arrays[f"{name}:act_info"])
-            a.bits.fill_(bits_a)
-            a.signed.fill_(signed)
-            if f"{name}:act_zero_point" in arrays:
-                a.zero_point.fill_(int(arrays[f"{name}:act_zero_point"][0]))
-            a.initialized.fill_(True)
+    planned = {name: _layer_values(name, layer, arrays, path) for name, layer in layers.items()}
     rest = {key: torch.from_numpy(value) for key, value in arrays.items() if ":" not in key}
     expected = float_state_items(model)
     if set(rest) != set(expected):
         raise CheckpointError(f"{path} does not fit this model: float entries differ "
                               f"({sorted(set(rest) ^ set(expected))[:4]})")
+    for key, value in rest.items():
+        if value.numel() != expected[key].numel():
+            raise CheckpointError(f"{path}: entry {key!r} has {value.numel()} values, the model {expected[key].numel()}")
+    # everything fits: write
+    for name, layer in layers.items():
+        q, values = layer.weight_quantizer, planned[name]
+        if "groups" in values:
+            q.set_groups(*values["groups"])
+        q.bits.copy_(values["bits"])
+        q.scale.copy_(values["scale"])
+        if "zero_point" in values:
+            q.zero_point.copy_(values["zero_point"])
+        layer.weight.copy_(values["weight"])
+        q.initialized.fill_(True)
+        if "bias" in values:
+            layer.bias.copy_(values["bias"])
+        if "act" in values:
+            a = layer.input_quantizer
+            scale, bits_a, signed, zero_point = values["act"]
+            a.scale.fill_(scale)
+            a.bits.fill_(bits_a)
+            a.signed.fill_(signed)
+            if zero_point is not None:
+                a.zero_point.fill_(zero_point)
+            a.initialized.fill_(True)
     state = model.state_dict()
     for key, value in rest.items():
         state[key].copy_(value.view(state[key].shape).to(state[key].dtype))

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from ..runtime import isolate_inductor_cache
+
 _disabled = False
 
 
@@ -54,16 +56,21 @@ class FusedKernel:
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
         self.compiled: Callable[..., torch.Tensor] | None = None
+        self.calls = {"compiled": 0, "eager": 0}  # which path ran (tests and benchmarks check it)
 
     def __call__(self, *args: torch.Tensor, fallback: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         if compiled_kernels_enabled():
             if self.compiled is None:
                 _import_cpp_extension_quietly()
+                isolate_inductor_cache()  # compiled kernels of another instruction set must not be reused
                 self.compiled = torch.compile(self.fn, dynamic=True)
             try:
-                return self.compiled(*args)
+                out = self.compiled(*args)
+                self.calls["compiled"] += 1
+                return out
             except Exception as exc:  # no compiler, unsupported platform, ...: keep working
                 disable_compiled_kernels(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        self.calls["eager"] += 1
         return fallback() if fallback is not None else self.fn(*args)
 
 

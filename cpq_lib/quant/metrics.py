@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .modules import QuantizedLayer
-from .transform import quantizable_layers
 
 FLOAT_BITS = 32
 BITS_TABLE_BITS = 8
@@ -37,14 +36,41 @@ def is_quantizer_state(key: str) -> bool:
     return ".weight_quantizer." in f".{key}" or ".input_quantizer." in f".{key}"
 
 
+def compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every convolution (any dimension, transposed too) and Linear that runs as a module.
+
+    Conv2d / Linear are the quantizable ones; the others (Conv1d, ConvTranspose2d, ...) stay in full
+    precision and are listed so that sizes and BitOPs account for them.
+    """
+    from .transform import weights_read_directly
+
+    direct = weights_read_directly(model)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and name not in direct]
+
+
+def _macs_of_call(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call, per sample."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input position meets the whole kernel
+        return math.prod(inputs[0].shape[2:]) * module.weight.numel()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return math.prod(output.shape[2:]) * module.weight.numel()
+    return math.prod(output.shape[1:-1]) * module.weight.numel()  # Linear: every position of (B, ..., features)
+
+
 @torch.no_grad()
-def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Per Conv2d/Linear: output positions per sample (H*W, or 1 for a Linear on flat inputs)."""
-    positions: dict[str, int] = {}
+def layer_calls(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Per compute layer: (calls, MACs per sample summed over calls) in one eval-mode forward.
+
+    A module called twice (weight sharing) counts twice; one never called (a branch skipped in eval
+    mode) counts zero.
+    """
+    counts: dict[str, list[int]] = {name: [0, 0] for name, _ in compute_layers(model)}
     hooks = []
-    for name, module in quantizable_layers(model):
+    for name, module in compute_layers(model):
         def hook(mod, inputs, output, name=name):
-            positions[name] = math.prod(output.shape[2:]) if isinstance(mod, nn.Conv2d) else math.prod(output.shape[1:-1])
+            counts[name][0] += 1
+            counts[name][1] += _macs_of_call(mod, inputs, output)
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -54,7 +80,7 @@ def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str,
         for handle in hooks:
             handle.remove()
         model.train(was_training)
-    return positions
+    return {name: (calls, macs) for name, (calls, macs) in counts.items()}
 
 
 def layer_storage_bits(layer: QuantizedLayer) -> dict[str, int]:
@@ -90,14 +116,14 @@ def float_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def layer_table(model: nn.Module, example_input: torch.Tensor) -> pd.DataFrame:
-    """One row per Conv2d/Linear: parameters, bits, MACs, BitOPs and stored bytes."""
-    positions = output_positions(model, example_input)
+    """One row per compute layer: parameters, calls, bits, MACs, BitOPs and stored bytes."""
+    calls = layer_calls(model, example_input)
     rows = []
-    for name, module in quantizable_layers(model):
+    for name, module in compute_layers(model):
         out_channels = module.weight.shape[0]
-        per_channel = math.prod(module.weight.shape[1:])
-        macs_per_channel = positions[name] * per_channel
+        count, macs = calls[name]
         if isinstance(module, QuantizedLayer):
+            macs_per_weight_channel = macs / out_channels
             bits = module.weight_bits().double()
             act = module.activation_bits()
             storage = sum(layer_storage_bits(module).values())
@@ -105,15 +131,15 @@ def layer_table(model: nn.Module, example_input: torch.Tensor) -> pd.DataFrame:
                    "max_bits": int(bits.max()), "pruned_channels": int((bits == 0).sum()),
                    "act_bits": act, "granularity": module.weight_quantizer.granularity,
                    "scales": module.weight_quantizer.scale.numel(),
-                   "bitops": float((bits * macs_per_channel).sum()) * (act if act is not None else FLOAT_BITS)}
+                   "bitops": float((bits * macs_per_weight_channel).sum()) * (act if act is not None else FLOAT_BITS)}
         else:
             storage = FLOAT_BITS * (module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
             row = {"quantized": False, "weight_bits": float(FLOAT_BITS), "min_bits": FLOAT_BITS, "max_bits": FLOAT_BITS,
                    "pruned_channels": 0, "act_bits": None, "granularity": "float", "scales": 0,
-                   "bitops": float(macs_per_channel * out_channels * FLOAT_BITS * FLOAT_BITS)}
+                   "bitops": float(macs * FLOAT_BITS * FLOAT_BITS)}
         rows.append({"layer": name, "type": type(module).__name__, "out_channels": out_channels,
-                     "groups": getattr(module, "groups", 1), "params": module.weight.numel(),
-                     "macs": macs_per_channel * out_channels, **row, "bytes": storage / 8})
+                     "groups": getattr(module, "groups", 1), "params": module.weight.numel(), "calls": count,
+                     "macs": macs, **row, "bytes": storage / 8})
     return pd.DataFrame(rows).set_index("layer")
 
 

@@ -28,6 +28,8 @@ MSE_GRID = (0.01, 1.2, 100)  # PTQ-SL's candidate range: scale0 * (alpha + i * (
 
 def check_bits(bits: torch.Tensor | int, where: str = "bits") -> torch.Tensor:
     """Bit-widths as an int tensor, or a ValueError naming the bad values (allowed: integers 0..16)."""
+    if isinstance(bits, bool) or (isinstance(bits, torch.Tensor) and bits.dtype == torch.bool):
+        raise ValueError(f"{where}: bit-widths must be integers 0..{MAX_BITS}, got the boolean {bits!r}")
     tensor = torch.as_tensor(bits)
     if tensor.is_floating_point():
         if not torch.equal(tensor, tensor.round()):
@@ -290,6 +292,10 @@ class ActivationQuantizer(nn.Module):
         flat = detached.flatten()
         step = max(1, flat.numel() // self.SAMPLE_PER_BATCH)
         self._samples.append(flat[::step][: self.SAMPLE_PER_BATCH].float().cpu())
+
+    @property
+    def has_observations(self) -> bool:
+        return self._max >= self._min
 
     def start_observing(self) -> None:
         self._reset_observations()

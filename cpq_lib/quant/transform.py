@@ -9,6 +9,7 @@ torchvision-style CNNs).
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -51,9 +52,29 @@ class QuantConfig:
         self.exclude = tuple(self.exclude)
 
 
+def weights_read_directly(model: nn.Module) -> set[str]:
+    """Conv2d/Linear layers whose parent reads their weight without calling them.
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``: a
+    quantized twin would never run, so the plan would claim bits the forward does not use. Such layers
+    stay in full precision (their parameters count in the float part of the model size).
+    """
+    names = set()
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            names.update(f"{parent_name}.{child}" if parent_name else child
+                         for child, module in parent.named_modules() if child and isinstance(module, (nn.Conv2d, nn.Linear)))
+    return names
+
+
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv2d / Linear (quantized or not) with its module name, in registration order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    """Every Conv2d / Linear (quantized or not) that runs as a module, with its name, in registration order.
+
+    A module registered under several names (``self.b = self.a``) appears once, under its first name.
+    """
+    direct = weights_read_directly(model)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in direct]
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
@@ -81,6 +102,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Replace ``old`` under every name it is registered as (aliases share one quantized twin)."""
+    names = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
+    for name in names:
+        _set_submodule(model, name, new)
+
+
 def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Replace every non-excluded Conv2d/Linear of ``model`` in place by QConv2d/QLinear; returns ``model``."""
     config = config or QuantConfig()
@@ -99,7 +127,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             input_quantizer = ActivationQuantizer(config.act_bits, config.act_signed, config.symmetric,
                                                   config.learnable_scales, config.act_init).to(module.weight.device)
         twin = QConv2d if isinstance(module, nn.Conv2d) else QLinear
-        _set_submodule(model, name, twin.from_float(module, weight_quantizer, input_quantizer))
+        _replace_everywhere(model, module, twin.from_float(module, weight_quantizer, input_quantizer))
     return model
 
 
@@ -125,9 +153,15 @@ def calibrate_(model: nn.Module, batches: Iterable, device: str | torch.device =
             quantizer.observing = False
     if seen == 0:
         raise ValueError("calibration data is empty")
+    owners = {id(layer.input_quantizer): name for name, layer in quantized_layers(model) if layer.input_quantizer is not None}
+    unseen = [owners.get(id(q), "?") for q in quantizers if not q.has_observations]
+    if unseen:  # skipped branches (e.g. auxiliary heads in eval mode) calibrate lazily on their first batch
+        warnings.warn(f"calibration: quantized layer(s) {unseen[:5]} were never called on the calibration data; "
+                      f"their activation scales are left uncalibrated (set on their first batch)", stacklevel=2)
     for quantizer in quantizers:
-        quantizer.observing = True
-        quantizer.finish_observing()
+        if quantizer.has_observations:
+            quantizer.observing = True
+            quantizer.finish_observing()
     model.train(was_training)
     return model
 

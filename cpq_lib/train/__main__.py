@@ -9,9 +9,12 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from ..config import make_config
+from ..errors import CpqError
 from ..pipeline import load_data, train_baseline
+from ..runtime import configure_runtime
 
 
 def parse_value(text: str):
@@ -30,16 +33,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override, e.g. train.epochs=80 (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder (created if missing)")
     overrides = {"data.root": args.data_root} if args.data_root else {}
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = parse_value(value)
-    config = make_config(args.profile, overrides)
-    data = load_data(config)
-    command = "python -m cpq_lib.train " + shlex.join(sys.argv[1:] if argv is None else argv)
-    _, card = train_baseline(config, data, args.out, progress=not args.no_progress, command=command)
+    try:
+        config = make_config(args.profile, overrides)
+        configure_runtime(config.seed, config.threads, config.deterministic)
+        data = load_data(config)
+        command = "python -m cpq_lib.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+        _, card = train_baseline(config, data, args.out, progress=not args.no_progress, command=command)
+    except CpqError as error:  # bad input: the message says what and what is allowed; no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({k: card[k] for k in ("epochs", "val_accuracy", "test_accuracy", "wall_time_seconds")}))
     return 0
 

@@ -20,7 +20,7 @@ from ..progress import progress as progress_bar
 
 from ..config import TrainConfig
 from ..data import DataBundle
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError
 from ..fileio import atomic_torch_save
 from .evaluate import evaluate
 from .schedule import learning_rate
@@ -112,6 +112,11 @@ def train_model(
             labels = labels.to(device)
             logits = model(images)
             loss = criterion(logits, labels)
+            if not torch.isfinite(loss):  # stop before non-finite weights are saved as a "trained" model
+                raise TrainingError(
+                    f"training loss is {float(loss)} at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.4g}); "
+                    f"lower the learning rate or check the data; the last finished epoch's state is kept"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
