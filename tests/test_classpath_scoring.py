@@ -234,3 +234,28 @@ def test_save_load_and_cache(trained_digits, digits, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ScoringError, match="unreadable"):
         ClassScores.load(tmp_path / "bad.pt")
+
+
+class TwiceCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Linear(1, 10)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_module_called_twice_is_refused(digits):
+    _, _, loader = _subset(digits, 1)
+    with pytest.raises(ScoringError, match="'conv' is called more than once per forward pass"):
+        score_classes(TwiceCalled(), loader, 10, digits.classes, progress=False)
+
+
+def test_cache_key_includes_the_full_precision_layers(trained_digits, digits, tmp_path):
+    from cpq_lib.pipeline import class_scores
+
+    first = class_scores(trained_digits, digits, tmp_path, images_per_class=2, progress=False)
+    second = class_scores(trained_digits, digits, tmp_path, images_per_class=2, exclude=("@first",), progress=False)
+    assert first.full_precision == ["stem.0", "classifier"] and second.full_precision == ["stem.0"]
+    assert first.settings["cache_key"] != second.settings["cache_key"]

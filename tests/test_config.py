@@ -93,3 +93,36 @@ def test_cuda_request_without_cuda_is_a_clear_error(monkeypatch):
     assert make_config("quick", {"device": "auto"}).resolved_device() == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device"):
         make_config("quick", {"device": "cuda"}).resolved_device()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.lr": float("nan")}, "train.lr: expected a finite number, got nan"),
+    ({"train.momentum": float("nan")}, "train.momentum: expected a finite number"),
+    ({"train.warmup_epochs": float("inf")}, "train.warmup_epochs: expected a finite number, got inf"),
+    ({"train.milestones": [0.5, -0.2]}, r"train.milestones\[1\]: -0.2 is below the minimum 0.0"),
+    ({"train.milestones": [1.5]}, r"train.milestones\[0\]: 1.5 is above the maximum 1.0"),
+    ({"threads": 0}, "threads: 0 is below the minimum 1"),
+    ({"deterministic": 1}, "deterministic: expected true or false"),
+])
+def test_non_finite_and_out_of_range_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("quick", overrides)
+
+
+def test_nan_in_a_json_file_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"profile": "quick", "train": {"lr": NaN}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(path)
+
+
+def test_quick_profile_pins_the_runtime_and_cifar10_matches_the_shipped_card():
+    from cpq_lib.models import pretrained_card
+
+    quick = make_config("quick")
+    assert (quick.threads, quick.deterministic) == (1, True)
+    cifar = make_config("cifar10")
+    card = pretrained_card("resnet20", "cifar10")
+    assert cifar.train.epochs == card["epochs"] == 200
+    for key in ("batch_size", "lr", "weight_decay", "schedule", "label_smoothing", "nesterov"):
+        assert getattr(cifar.train, key) == card["train"][key], key

@@ -84,3 +84,9 @@ def test_shared_cifar10_zip_reads_as_cifar10(cifar10):
     assert torch.bincount(cifar10.test.labels).tolist() == [1_000] * 10
     # the copy re-packed losslessly on 2026-11-22 (same pixels as the b6b511e9... copy the shipped model was trained on)
     assert cifar10.source["sha256"] == "072b2118c23126a34c4ae106912609814d3a75f9867c0096c2f5458517c0f29c"
+
+
+def test_cifar100_on_a_cifar10_torchvision_root_names_both(tmp_path, tmp_cache):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DataError, match="holds cifar-10-batches-py \\(cifar10\\), not cifar100's cifar-100-python"):
+        load_dataset("cifar100", tmp_path)

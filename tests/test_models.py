@@ -101,3 +101,27 @@ def test_card_must_be_plain_json(tmp_path):
     with pytest.raises(CheckpointError, match="JSON values only"):
         save_checkpoint(build_model("digits_cnn", 10, in_channels=1), tmp_path / "m.pt", _card(extra=Gadget()))
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("payload,message", [
+    ({"format": "cpq-checkpoint/1", "state_dict": {}}, "no model card"),
+    ({"format": "cpq-checkpoint/1", "card": {"model": "digits_cnn"}, "state_dict": {}}, r"lacks \['model_kwargs'\]"),
+    ({"format": "cpq-checkpoint/1", "card": {"model": "digits_cnn", "model_kwargs": {"num_classes": 10}}}, "no weights"),
+])
+def test_right_format_tag_but_missing_parts(tmp_path, payload, message):
+    path = tmp_path / "odd.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_malformed_card_json_names_the_file(tmp_path):
+    from cpq_lib.models.pretrained import read_card
+
+    path = tmp_path / "card.json"
+    path.write_text('{"model": "resnet20",', encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"model card {path} is not valid JSON"):
+        read_card(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        read_card(path)

@@ -25,3 +25,27 @@ def test_card_must_match_split_and_classes(digits):
     card["data"]["classes"] = list("abcdefghij")
     with pytest.raises(CheckpointError, match="class mismatch"):
         check_card_matches(card, digits, "here")
+
+
+def test_split_mismatch_message_says_what_differs(digits):
+    card = {"data": {**digits.describe(), "val_digest": "0123456789abcdef"}}  # same seed and fraction, other images
+    with pytest.raises(CheckpointError, match="same split seed and fraction, so the data itself differs.*0123456789abcdef vs"):
+        check_card_matches(card, digits, "here")
+    other = load_dataset("digits", split_seed=4)
+    with pytest.raises(CheckpointError, match="it used split seed 0, fraction 0.1; this data uses seed 4, fraction 0.1"):
+        check_card_matches({"data": digits.describe()}, other, "here")
+
+
+def test_a_cached_baseline_from_other_code_is_trained_again(digits, tmp_path, monkeypatch):
+    import cpq_lib.pipeline as pipeline
+
+    config = make_config("quick", {"train.epochs": 1})
+    _, card = baseline_model(config, digits, tmp_path, progress=False)
+    trained = []
+    real = pipeline.train_baseline
+    monkeypatch.setattr(pipeline, "train_baseline", lambda *a, **k: trained.append(1) or real(*a, **k))
+    baseline_model(config, digits, tmp_path, progress=False)
+    assert trained == []  # same code: reused
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda *parts: "changed")
+    baseline_model(config, digits, tmp_path, progress=False)
+    assert trained == [1]

@@ -70,3 +70,10 @@ def test_malformed_json():
         BitPlan.from_json(json.dumps({"format": "cpq-bitplan/1", "layers": {"a": {"weight": [1], "bias": 3}}}))
     with pytest.raises(BitPlanError, match="a.weight\\[0\\]"):
         BitPlan.from_json(json.dumps({"format": "cpq-bitplan/1", "layers": {"a": {"weight": [99]}}}))
+
+
+def test_meta_must_be_a_mapping():
+    with pytest.raises(BitPlanError, match="'meta' must be a mapping.*list"):
+        BitPlan.from_json(json.dumps({"format": "cpq-bitplan/1", "meta": [1, 2], "layers": {}}))
+    with pytest.raises(BitPlanError, match="meta must be a mapping"):
+        BitPlan({}, meta=["x"])

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from cpq_lib.errors import CheckpointError
 from cpq_lib.models import build_model
@@ -76,3 +77,65 @@ def test_bad_files_and_mismatched_models(tmp_path):
         import_packed(quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(4, 4)), path)
     with pytest.raises(CheckpointError, match="does not exist"):
         import_packed(model, tmp_path / "missing.cpq")
+
+
+class Raw(nn.Module):
+    """Layers fed raw (mostly negative) inputs, with mostly negative weights: 16-bit zero points near 2^16."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 4)
+        self.second = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x) - 5.0)
+
+
+def test_sixteen_bit_asymmetric_zero_points_round_trip(tmp_path):
+    torch.manual_seed(0)
+    base = Raw().eval()
+    with torch.no_grad():
+        for layer in (base.first, base.second):
+            layer.weight.sub_(layer.weight.max() + 0.3)  # every weight negative: zero point at the top of the grid
+    config = QuantConfig(weight_bits=16, act_bits=16, symmetric=False, exclude=())
+    model = quantize_(copy.deepcopy(base), config)
+    x = torch.rand(8, 6) - 0.9
+    calibrate_(model, [(x, None)])
+    activation_zero_points = [int(model.first.input_quantizer.zero_point), int(model.second.input_quantizer.zero_point)]
+    weight_zero_points = [int(model.first.weight_quantizer.zero_point.max()), int(model.second.weight_quantizer.zero_point.max())]
+    assert min(activation_zero_points) > 32767 and min(weight_zero_points) > 32767  # beyond int16
+    path = tmp_path / "m.cpq"
+    export_packed(model, path)
+    fresh = quantize_(copy.deepcopy(base), config)
+    import_packed(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert [int(fresh.first.input_quantizer.zero_point), int(fresh.second.input_quantizer.zero_point)] == activation_zero_points
+
+
+def test_failed_import_leaves_the_model_unchanged(tmp_path):
+    torch.manual_seed(0)
+    config = QuantConfig(weight_bits=4, act_bits=4)
+    small = quantize_(build_model("resnet20", 10).eval(), config)
+    calibrate_(small, [(torch.rand(4, 3, 32, 32), None)])
+    export_packed(small, tmp_path / "ten.cpq")
+    torch.manual_seed(1)
+    large = quantize_(build_model("resnet20", 100).eval(), config)
+    before = {k: v.clone() for k, v in large.state_dict().items()}
+    with pytest.raises(CheckpointError, match="fc.weight|fc.bias|values, the model"):
+        import_packed(large, tmp_path / "ten.cpq")
+    after = large.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "import wrote into the model before failing"
+
+
+def test_packed_file_without_entries_is_a_clear_error(tmp_path):
+    import json
+    import struct
+    import zlib
+
+    from cpq_lib.quant.export import MAGIC
+
+    blob = zlib.compress(json.dumps({"format": "cpq-packed/1", "meta": {}}).encode())
+    (tmp_path / "empty.cpq").write_bytes(MAGIC + struct.pack("<I", len(blob)) + blob)
+    with pytest.raises(CheckpointError, match="no valid 'entries' list"):
+        import_packed(quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(4, 4)), tmp_path / "empty.cpq")

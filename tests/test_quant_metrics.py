@@ -47,3 +47,35 @@ def test_resnet20_summary_is_consistent():
     assert summary["quantized_layers"] == 18 and summary["float_layers"] == 4
     assert summary["macs"] == 40_813_184
     assert 8 < summary["compression_ratio"] < 16
+
+
+class Mixed(nn.Module):
+    """Conv1d and ConvTranspose2d stay float; a Linear is called twice; another is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2, bias=False)
+        self.seq = nn.Conv1d(2, 3, 3, padding=1, bias=False)
+        self.twice = nn.Linear(3, 3, bias=False)
+        self.unused = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x):  # x: (B, 2, 4, 4)
+        y = self.up(self.conv(x))                      # (B, 2, 8, 8)
+        z = self.seq(y.flatten(2)).mean(2)              # (B, 3)
+        return self.twice(self.twice(z))
+
+
+def test_every_compute_layer_is_counted_by_call():
+    model = quantize_(Mixed(), QuantConfig(weight_bits=4, act_bits=None, exclude=("up", "seq")))
+    table = layer_table(model, torch.rand(1, 2, 4, 4))
+    assert list(table.index) == ["conv", "up", "seq", "twice", "unused"]
+    assert table.loc["conv", "macs"] == 16 * 18 * 4
+    assert table.loc["up", "macs"] == 16 * (4 * 2 * 2 * 2) and not table.loc["up", "quantized"]  # input positions x weight
+    assert table.loc["seq", "macs"] == 64 * 18 and table.loc["seq", "type"] == "Conv1d"
+    assert table.loc["twice", "calls"] == 2 and table.loc["twice", "macs"] == 2 * 9
+    assert table.loc["twice", "bitops"] == 2 * 9 * 4 * 32
+    assert table.loc["unused", "calls"] == 0 and table.loc["unused", "macs"] == 0
+    summary = model_summary(model, torch.rand(1, 2, 4, 4))
+    assert summary["float_layers"] == 2 and summary["quantized_layers"] == 3
+    assert summary["macs"] == 16 * 18 * 4 + 16 * 32 + 64 * 18 + 18

@@ -1,6 +1,7 @@
 """The transform on four architectures, including depthwise convolutions, and its options."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from cpq_lib.models import build_model
 from cpq_lib.quant import (
-    QConv2d, QuantConfig, calibrate_, dequantize_, excluded_names, fold_batchnorm_, quantizable_layers, quantize_,
+    BitPlan, LayerBits, QConv2d, QLinear, QuantConfig, calibrate_, dequantize_, excluded_names, fold_batchnorm_, quantizable_layers, quantize_,
     quantized_layers,
 )
 
@@ -172,3 +173,101 @@ def test_inference_and_autograd_paths_agree_exactly():
         inference = model(x)  # cached weights, one-pass activation kernel
     with_grad = model(x.clone().requires_grad_(True))  # autograd path (torch's fused kernel, fresh weights)
     assert torch.equal(inference, with_grad.detach())
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention reads out_proj.weight directly; nn.TransformerEncoderLayer's inference fast
+    path reads linear1/linear2 weights directly; a ViT-style MLP of plain Linears is called normally."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        x = self.block(x + self.mlp(x))
+        return self.head(x.mean(1))
+
+
+def test_layers_whose_weights_are_read_directly_stay_float_and_the_rest_is_quantized(tmp_path):
+    from cpq_lib.quant import BitPlan, export_packed, import_packed, model_summary
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = torch.randn(4, 5, 8)
+    config = QuantConfig(weight_bits=2, act_bits=8, exclude=())
+    quantized = quantize_(copy.deepcopy(model), config)
+    names = {n for n, _ in quantized_layers(quantized)}
+    assert names == {"embed", "mlp.0", "mlp.2", "head"}
+    for float_child in (quantized.attention.out_proj, quantized.block.linear1, quantized.block.linear2,
+                        quantized.block.self_attn.out_proj):
+        assert not isinstance(float_child, (QConv2d, QLinear))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every quantized layer is reached by calibration
+        calibrate_(quantized, [(x, None)])
+    plan = BitPlan.from_model(quantized)
+    assert set(plan.layers) == names
+    with torch.no_grad():
+        assert not torch.allclose(quantized(x), model(x), atol=1e-3)  # 2-bit layers really run
+        half = copy.deepcopy(quantized)
+        BitPlan({n: LayerBits([16] * len(b.weight), 8) for n, b in plan.layers.items()}).apply_(half)
+        assert torch.allclose(half(x), model(x), atol=0.05)  # the float children compute what the float model does
+    summary = model_summary(quantized, x)  # no KeyError: the float children count as float state
+    assert summary["quantized_layers"] == 4
+    path = tmp_path / "attention.cpq"
+    export_packed(quantized, path)
+    fresh = quantize_(copy.deepcopy(model), config)
+    import_packed(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = self.a  # the same module under a second name
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_aliased_modules_share_one_quantized_twin():
+    torch.manual_seed(0)
+    model = quantize_(Shared(), QuantConfig(weight_bits=4, act_bits=None, exclude=("head",)))
+    assert isinstance(model.a, QConv2d) and model.a is model.b
+    assert [n for n, _ in quantized_layers(model)] == ["a"]
+
+
+def test_boolean_bits_are_refused():
+    with pytest.raises(ValueError, match="weight_bits.*boolean True"):
+        QuantConfig(weight_bits=True)
+    with pytest.raises(ValueError, match="act_bits.*boolean"):
+        QuantConfig(act_bits=False)
+
+
+class Branchy(nn.Module):
+    """An auxiliary head used only in training (as in Inception): eval-mode calibration never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.main = nn.Linear(4, 2)
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        return self.main(features) + (self.aux(features) if self.training else 0)
+
+
+def test_calibration_names_layers_it_never_reached():
+    model = quantize_(Branchy(), QuantConfig(weight_bits=8, act_bits=8, exclude=()))
+    with pytest.warns(UserWarning, match=r"\['aux'\] were never called"):
+        calibrate_(model, [(torch.rand(2, 1, 6, 6), None)])
+    assert bool(model.main.input_quantizer.initialized) and not bool(model.aux.input_quantizer.initialized)

@@ -48,3 +48,22 @@ def test_runner_executes_notebook_and_writes_figures(tmp_path, capfd):
     written = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert written == ["01_learning_curve.pdf", "01_learning_curve.png", "01_per_class_accuracy.pdf", "01_per_class_accuracy.png"]
     assert "without encryption" not in capfd.readouterr().err  # the kernel is started with transport keys
+
+
+def test_only_needs_at_least_one_prefix(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--only"])
+    assert exit_info.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_default_folders_are_not_injected_and_environment_is_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPQ_RUN_DIR", "/somewhere")
+    parameters = runner.notebook_parameters("quick", 0, "cpu", None, runner.REPO / "runs" / "quick", runner.REPO / "figures" / "quick")
+    assert parameters == {"profile": "quick", "seed": 0, "device": "cpu"}
+    custom = runner.notebook_parameters("quick", 0, "cpu", None, tmp_path / "r", runner.REPO / "figures" / "quick")
+    assert custom["run_dir"].endswith("/r") and "figures_dir" not in custom
+    with runner.kernel_environment("quick"):
+        import os
+
+        assert "CPQ_RUN_DIR" not in os.environ and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert os.environ["CPQ_RUN_DIR"] == "/somewhere"

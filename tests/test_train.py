@@ -147,3 +147,44 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, uninterrupted, m
     assert final["state_dict"].keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         assert torch.equal(final["state_dict"][key], value), f"{key} differs after resuming"
+
+
+class TurnsNaN(nn.Module):
+    """A small classifier whose output becomes NaN from the ``after``-th training call on (as when it diverges)."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.net = build_model("digits_cnn", 10, in_channels=1)
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_state(digits, tmp_path):
+    from cpq_lib.errors import TrainingError
+
+    config = make_config("quick", {"train.epochs": 3})
+    torch.manual_seed(0)
+    model = TurnsNaN(after=len(digits.train_loader(config.train.batch_size, 0)) + 3)  # epoch 2, step 3
+    with pytest.raises(TrainingError, match="training loss is nan at epoch 2, step 3.*lower the learning rate"):
+        train_model(model, digits, config.train, seed=0, state_path=tmp_path / "state.pt", progress=False)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_prints_input_errors_without_a_traceback(tmp_path):
+    bad = _run(["-m", "cpq_lib.train", "--profile", "quick", "--out", str(tmp_path / "o"), "--set", "train.lr=NaN"], tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: train.lr: expected a finite number, got nan" in bad.stderr
+    missing = _run(["-m", "cpq_lib.train", "--profile", "cifar10", "--data-root", str(tmp_path / "none.zip"),
+                    "--out", str(tmp_path / "o")], tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "does not exist" in missing.stderr
+    (tmp_path / "afile").write_text("x")
+    as_file = _run(["-m", "cpq_lib.train", "--out", str(tmp_path / "afile")], tmp_path)
+    assert as_file.returncode == 2 and "is a file; give a folder" in as_file.stderr

@@ -18,7 +18,7 @@ def stratified_split(labels: np.ndarray, held_fraction: float, seed: int) -> tup
     held_total = int(np.ceil(held_fraction * len(labels)))  # scikit-learn's rounding of test_size
     kept_total = len(labels) - held_total
     if counts.size and counts.min() < 2:
-        raise DataError(f"class {classes[counts.argmin()]!r} has {counts.min()} image(s); a stratified split needs at least 2 per class")
+        raise DataError(f"class {classes[counts.argmin()].item()!r} has {counts.min()} image(s); a stratified split needs at least 2 per class")
     if held_total < classes.size or kept_total < classes.size:
         raise DataError(f"a stratified split of {len(labels)} images into {kept_total} + {held_total} (fraction {held_fraction}) "
                         f"cannot give each of the {classes.size} classes an image on both sides; "

@@ -52,16 +52,22 @@ class QuantConfig:
         self.exclude = tuple(self.exclude)
 
 
+# modules that compute with their children's weights without calling the children
+READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def weights_read_directly(model: nn.Module) -> set[str]:
     """Conv2d/Linear layers whose parent reads their weight without calling them.
 
-    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``: a
-    quantized twin would never run, so the plan would claim bits the forward does not use. Such layers
-    stay in full precision (their parameters count in the float part of the model size).
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``, and
+    ``nn.TransformerEncoderLayer`` (decoder too) runs a fused inference path on ``linear1``/``linear2``
+    weights: a quantized twin would not run, so the plan would claim bits the forward does not use.
+    Such layers stay in full precision (their parameters count in the float part of the model size).
+    Blocks built from plain modules (torchvision's ViT MLP) are quantized as usual.
     """
     names = set()
     for parent_name, parent in model.named_modules():
-        if isinstance(parent, nn.MultiheadAttention):
+        if isinstance(parent, READS_CHILD_WEIGHTS):
             names.update(f"{parent_name}.{child}" if parent_name else child
                          for child, module in parent.named_modules() if child and isinstance(module, (nn.Conv2d, nn.Linear)))
     return names

@@ -114,7 +114,7 @@ def train_model(
             loss = criterion(logits, labels)
             if not torch.isfinite(loss):  # stop before non-finite weights are saved as a "trained" model
                 raise TrainingError(
-                    f"training loss is {float(loss)} at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.4g}); "
+                    f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.4g}); "
                     f"lower the learning rate or check the data; the last finished epoch's state is kept"
                 )
             optimizer.zero_grad(set_to_none=True)
