@@ -1,11 +1,18 @@
 """Stored notebooks: parameters first, executed with `quick`, clean, with compared outputs (nbval runs them)."""
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
+REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MACHINE_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|/usr/|/opt/|/Users/|[A-Z]:\\\\)")
 
@@ -35,3 +42,105 @@ def test_stored_notebook_hygiene(path):
             text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
             assert not MACHINE_PATH.search(text), f"machine path in an output of {path.name}: {text[:200]}"
     assert "papermill" not in notebook.metadata
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_notebooks_carry_no_output_folders(path):
+    """Folders left to the notebook's defaults let the test suite redirect figures out of the clone."""
+    notebook = nbformat.read(path, as_version=4)
+    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and all("run_dir" not in c.source and "figures_dir" not in c.source for c in injected)
+
+
+# --- nbval must notice wrong results: run it on the stored notebooks with the library broken on purpose ---
+
+MUTATIONS = {
+    # every class-importance score is 1 (a scorer that says "everything matters to every class")
+    "scores_all_ones": '''
+import torch
+import cpq_lib.classpath as classpath
+import cpq_lib.classpath.scoring as scoring
+real = scoring.score_classes
+def all_ones(*args, **kwargs):
+    result = real(*args, **kwargs)
+    result.scores = {name: torch.ones_like(value) for name, value in result.scores.items()}
+    return result
+scoring.score_classes = classpath.score_classes = all_ones
+''',
+    # quantizers pass values through unchanged
+    "quantization_off": '''
+import cpq_lib.quant.quantizers as quantizers
+quantizers.WeightQuantizer.forward = lambda self, weight: weight
+quantizers.ActivationQuantizer.forward = lambda self, x: x
+''',
+}
+
+
+def _nbval_with(mutation: str, notebooks: list[str], tmp_path: Path, baseline: Path) -> subprocess.CompletedProcess:
+    ipython = tmp_path / "ipython"
+    startup = ipython / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-mutation.py").write_text(MUTATIONS[mutation], encoding="utf-8")
+    runs = tmp_path / "runs"
+    shutil.copytree(baseline, runs / "baseline")  # the trained quick baseline: no retraining in the subprocess
+    env = {**os.environ, "IPYTHONDIR": str(ipython), "CPQ_RUN_DIR": str(runs), "CPQ_FIGURES_DIR": str(tmp_path / "figures")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax",
+                           "--nbval-current-env", *notebooks], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_baseline_folder(tmp_path_factory) -> Path:
+    from cpq_lib.config import make_config
+    from cpq_lib.pipeline import baseline_model, load_data
+    from cpq_lib.runtime import configure_runtime
+
+    config = make_config("quick")
+    configure_runtime(config.seed, config.threads, config.deterministic)
+    run = tmp_path_factory.mktemp("quick-run")
+    baseline_model(config, load_data(config), run, progress=False)
+    torch.set_num_threads(THREADS)  # give the rest of the session its threads back
+    return run / "baseline"
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutation,notebooks,failing", [
+    ("scores_all_ones", ["notebooks/03_class_scores.ipynb", "notebooks/04_critical_paths.ipynb"],
+     {"03_class_scores.ipynb": 2, "04_critical_paths.ipynb": 3}),
+    ("quantization_off", ["notebooks/02_quantization_basics.ipynb"], {"02_quantization_basics.ipynb": 2}),
+])
+def test_nbval_fails_when_results_are_wrong(mutation, notebooks, failing, tmp_path, quick_baseline_folder):
+    result = _nbval_with(mutation, notebooks, tmp_path, quick_baseline_folder)
+    assert result.returncode == 1, result.stdout[-3000:]
+    # compared outputs differ (not a cell that crashed): "<notebook>::Cell N" ... "Cell N: Cell outputs differ"
+    differ = re.findall(r"_+ (\S+)::Cell (\d+) _+\s+\S*Notebook cell execution failed\S*\s+\S*Cell \2: Cell outputs differ",
+                        result.stdout)
+    for name, at_least in failing.items():
+        cells = [cell for path, cell in differ if path.endswith(name)]
+        assert len(cells) >= at_least, (name, differ, result.stdout[-3000:])
+
+
+# --- the quick pipeline is bit-reproducible: two runs in fresh folders give identical results -----------
+
+def _results(run_dir: Path) -> dict:
+    return {path.name: json.loads(path.read_text())["results"] for path in sorted(run_dir.glob("*.json"))}
+
+
+@pytest.mark.slow
+def test_quick_notebooks_give_identical_results_twice(tmp_path):
+    from cpq_lib import runner
+
+    selection = [p.name[:2] for p in NOTEBOOKS if p.name[:2] in DETERMINISM_NOTEBOOKS]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        runner.run("quick", None, "cpu", folder / "runs", folder / "figures", selection)
+    one, two = _results(first / "runs"), _results(second / "runs")
+    assert len(one) == len(selection) and one == two
+    assert one["01_baseline.json"]["test"]["accuracy"] > 0.9
+    for figure in sorted((first / "figures").iterdir()):  # figures too, byte for byte
+        assert figure.read_bytes() == (second / "figures" / figure.name).read_bytes(), figure.name
+
+
+DETERMINISM_NOTEBOOKS = ("01", "02", "03", "04")

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from ..errors import CpqError
+from .analysis import total_similarity
 from .scoring import ClassScores
 
 UNIMPORTANT = "(unimportant)"
@@ -104,11 +105,16 @@ def jaccard_matrix(paths: CriticalPaths) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
 
 
-def interference_matrix(paths: CriticalPaths, scores: ClassScores) -> torch.Tensor:
-    """I[i, j] = summed score for class j of the channels on class i's path."""
+def interference_matrix(paths: CriticalPaths, scores: ClassScores, normalize: bool = False) -> torch.Tensor:
+    """I[i, j] = summed score for class j of the channels on class i's path.
+
+    ``normalize=True`` divides row i by the size of class i's path: the mean class-j score of a
+    channel on class i's path, in [0, 1] (comparable across path sizes and models).
+    """
     flat = paths.flat().double()
     values = torch.cat([scores.scores[n].double() for n in paths.masks], dim=1)
-    return flat @ values.T
+    interference = flat @ values.T
+    return interference / flat.sum(1, keepdim=True).clamp_min(1) if normalize else interference
 
 
 def class_order(similarity: torch.Tensor, class_names: list[str], descending: bool = True,
@@ -120,7 +126,7 @@ def class_order(similarity: torch.Tensor, class_names: list[str], descending: bo
     n = similarity.shape[0]
     if n != len(class_names):
         raise PathError(f"similarity is {n}x{n} but there are {len(class_names)} class names")
-    total = similarity.sum(1) - similarity.diagonal()
+    total = total_similarity(similarity)
     index = sorted(range(n), key=lambda i: (-float(total[i]) if descending else float(total[i]), i))
     ordered = [class_names[i] for i in index]
     return [UNIMPORTANT, *ordered] if unimportant_first else [*ordered, UNIMPORTANT]
