@@ -61,13 +61,15 @@ def test_fused_reductions_match_eager(fresh_kernels, channels_last):
     a = torch.relu(a)  # exact zeros, as after ReLU
     if channels_last:
         a, g = a.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-    before = (dict(kernels.TAYLOR_MAX.calls), dict(kernels.MEAN_ABS.calls))
+    fused = (kernels.TAYLOR_MAX, kernels.MEAN_ABS, kernels.TAYLOR_ACTIVE)
+    before = [dict(kernel.calls) for kernel in fused]
     assert torch.equal(kernels.taylor_max(a, g), (a * g).abs().flatten(2).amax(2))
     assert torch.allclose(kernels.mean_abs(g), g.abs().flatten(2).mean(2))
+    active = kernels.taylor_active(a, g, 0.05)
+    assert torch.equal(active, ((a * g).abs() > 0.05).float()) and active.stride() == a.stride()
     # the compiled kernels ran (a silent fall-back to eager would pass the comparisons above)
-    assert kernels.TAYLOR_MAX.calls["compiled"] == before[0]["compiled"] + 1
-    assert kernels.MEAN_ABS.calls["compiled"] == before[1]["compiled"] + 1
-    assert (kernels.TAYLOR_MAX.calls["eager"], kernels.MEAN_ABS.calls["eager"]) == (before[0]["eager"], before[1]["eager"])
+    for kernel, calls in zip(fused, before):
+        assert kernel.calls == {"compiled": calls["compiled"] + 1, "eager": calls["eager"]}
     flat = torch.randn(3, 7, generator=generator)
     assert torch.equal(kernels.taylor_max(flat, flat), flat * flat)
 

@@ -36,7 +36,7 @@ from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
 from ..provenance import code_fingerprint
-from ..quant.kernels import mean_abs, taylor_max
+from ..quant.kernels import mean_abs, taylor_active, taylor_max
 from ..quant.transform import quantizable_layers
 from ..train.evaluate import memory_format_of
 
@@ -184,7 +184,7 @@ def per_position_values(a: torch.Tensor, g: torch.Tensor | None, scorer: str, ep
     Channels go last so that a channels_last activation flattens without a copy.
     """
     if scorer == "taylor":
-        values = ((a * g).abs() > eps).to(torch.float32)
+        values = taylor_active(a, g, eps)
     else:
         values = (a if scorer == "activation" else g).abs().to(torch.float64)
     return values.movedim(1, -1).reshape(values.shape[0], -1, values.shape[1])
