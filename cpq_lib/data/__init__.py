@@ -27,7 +27,7 @@ TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-
 EXPECTED_CLASS_COUNT = {"cifar10": 10, "cifar100": 100}
 
 __all__ = [
-    "Augment", "DataBundle", "DATASETS", "ImageTensors", "TensorBatchLoader", "cache_dir", "load_dataset",
+    "Augment", "DataBundle", "SearchData", "DATASETS", "ImageTensors", "TensorBatchLoader", "cache_dir", "load_dataset",
     "random_crop_flip", "stratified_split",
 ]
 
@@ -90,6 +90,19 @@ class DataBundle:
         """A small stratified subset of the *training* part for calibrating quantizers."""
         index = stratified_sample(self.train.labels.numpy(), None, total, seed, self.num_classes)
         return TensorBatchLoader(self.train.subset(index), batch_size)
+
+    def subset(self, split: str, total: int | None, seed: int = 0) -> ImageTensors:
+        """A stratified subset of ``total`` images of ``split`` (all of it for None), in index order."""
+        data = self.part(split)
+        if total is None or total >= len(data):
+            return data
+        return data.subset(stratified_sample(data.labels.numpy(), None, total, seed, self.num_classes))
+
+    def for_search(self) -> "SearchData":
+        """A view without the test split, for bit searches and calibrations (see :class:`SearchData`)."""
+        return SearchData(name=self.name, classes=list(self.classes), train=self.train, val=self.val, test=SEALED,
+                          split_seed=self.split_seed, val_fraction=self.val_fraction, augment=self.augment,
+                          source=dict(self.source), val_digest=self.val_digest)
 
     def describe(self) -> dict:
         """What a model card needs to rebuild exactly this split."""
@@ -162,3 +175,40 @@ def load_dataset(
         name=name, classes=list(source.classes), train=train_all.subset(keep), val=train_all.subset(held), test=test,
         split_seed=split_seed, val_fraction=val_fraction, augment=augment, source=source.source, val_digest=indices_digest(held),
     )
+
+
+class SealedSplit:
+    """Stands where the test split would be in a :class:`SearchData`: any use of it is an error."""
+
+    def _refuse(self, *args, **kwargs):
+        raise DataError("searches and calibrations see the training and validation splits only; the test split is "
+                        "read once, in the final report (cpq_lib.pipeline.final_report)")
+
+    __len__ = __iter__ = __getitem__ = _refuse
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy/pickle probing: behave like any object without that attribute
+            raise AttributeError(name)
+        self._refuse()
+
+    def __repr__(self) -> str:
+        return "SealedSplit()"
+
+
+SEALED = SealedSplit()
+
+
+class SearchData(DataBundle):
+    """The data a bit search may use: training and validation parts. It holds no test images, so a search
+    cannot read the test split, by construction; asking for it raises ``DataError``."""
+
+    def part(self, name: str) -> ImageTensors:
+        if name == "test":
+            SEALED._refuse()
+        return super().part(name)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val)}
+
+    def for_search(self) -> "SearchData":
+        return self

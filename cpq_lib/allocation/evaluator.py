@@ -1,0 +1,90 @@
+"""Validation accuracy of a per-channel bit assignment, fast enough for searches that try hundreds.
+
+Searches see a :class:`~cpq_lib.data.SearchData` (no test split) and evaluate on a fixed, stratified
+subset of the validation split, held in memory as ready float tensors. Setting a plan touches only the
+layers whose bits changed, and per-channel scales come from a table computed once per (layer,
+bit-width): a channel's scale depends only on its own weights and bit-width (per-channel, symmetric
+grids), so the table gives exactly what ``WeightQuantizer.initialize`` would, without re-running the
+MSE search of every layer on every evaluation. Quantized weights are then cached by the layers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..data import SearchData
+from ..quant import WeightQuantizer, quantized_layers
+from ..train import EvalResult, evaluate
+from ..train.evaluate import memory_format_of
+from .space import AllocationError, ChannelSpace
+
+
+class SearchEvaluator:
+    """Counts evaluations and their wall time; ``evaluate(bits)`` sets ``bits`` and measures accuracy."""
+
+    def __init__(self, model: nn.Module, data: SearchData, images: int | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", batch_size: int = 500) -> None:
+        if not isinstance(data, SearchData):
+            raise AllocationError("a search takes data.for_search() (training and validation splits only)")
+        self.model = model.eval()
+        self.space = ChannelSpace.of(model)
+        self.layers = dict(quantized_layers(model))
+        for name, layer in self.layers.items():
+            q = layer.weight_quantizer
+            if q.granularity != "channel" or not q.symmetric:
+                raise AllocationError(f"layer {name!r}: searches need per-channel symmetric weight quantizers, "
+                                      f"got granularity {q.granularity!r}, symmetric={q.symmetric}")
+        subset = data.subset("val", images, seed)
+        self.images = len(subset)
+        fmt = memory_format_of(model)
+        self.batches = [(subset.images[i:i + batch_size].float().div_(255.0).to(device).contiguous(memory_format=fmt),
+                         subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]
+        self.num_classes = data.num_classes
+        self.device = device
+        self.evaluations = 0
+        self.seconds = 0.0
+        self._scales: dict[tuple[str, int], torch.Tensor] = {}
+        self._current = {name: layer.weight_quantizer.bits.clone() for name, layer in self.layers.items()}
+        self.set_bits(self.space.flatten(self._current), force=True)
+
+    def _scale_table(self, name: str, bits: int) -> torch.Tensor:
+        key = (name, bits)
+        if key not in self._scales:
+            layer = self.layers[name]
+            q = layer.weight_quantizer
+            probe = WeightQuantizer(q.weight_shape, bits, "channel", symmetric=True, init=q.init_method).to(layer.weight.device)
+            probe.initialize(layer.weight)
+            self._scales[key] = probe.scale.detach().clone()
+        return self._scales[key]
+
+    @torch.no_grad()
+    def set_bits(self, bits: torch.Tensor, force: bool = False) -> None:
+        """Give every quantized channel its bit-width (flat vector over :class:`ChannelSpace`)."""
+        if bits.shape != (self.space.size,):
+            raise AllocationError(f"expected {self.space.size} channel bit-widths, got shape {tuple(bits.shape)}")
+        for name, new in self.space.split(bits.long()).items():
+            if not force and torch.equal(new, self._current[name]):
+                continue
+            q = self.layers[name].weight_quantizer
+            scale = torch.empty_like(q.scale)
+            for value in new.unique().tolist():
+                rows = new == value
+                scale[rows] = self._scale_table(name, int(value))[rows]
+            q.bits.copy_(new.to(q.bits.device))
+            q.scale.copy_(scale)
+            q.initialized.fill_(True)
+            self._current[name] = new.clone()
+
+    def evaluate(self, bits: torch.Tensor) -> EvalResult:
+        started = time.perf_counter()
+        self.set_bits(bits)
+        result = evaluate(self.model, self.batches, self.num_classes, self.device)
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - started
+        return result
+
+    def cost(self) -> dict[str, float]:
+        return {"evaluations": self.evaluations, "evaluation_seconds": round(self.seconds, 3), "images": self.images}
