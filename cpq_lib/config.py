@@ -62,6 +62,43 @@ class TrainConfig:
 
 
 @dataclass
+class RefineConfig(TrainConfig):
+    """Quantization-aware fine-tuning of the quantized student against the full-precision teacher:
+    ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)`` (batch mean), learnable quantizer scales."""
+
+    epochs: int = _f(3, min=0, max=10_000)
+    lr: float = _f(0.01, min=1e-8, max=10.0)
+    schedule: str = _f("cosine", choices=("onecycle", "cosine", "step", "constant"))
+    max_steps: int | None = _f(None, min=1)  # a budget in optimizer steps instead of whole epochs
+    alpha: float = _f(0.3, min=0.0, max=1.0)
+    temperature: float = _f(4.0, min=0.01, max=100.0)
+    learnable_scales: bool = True
+
+
+ALLOCATOR_NAMES = ("uniform", "random", "class_count", "sensitivity", "classpath")  # cpq_lib.allocation.ALLOCATORS
+
+
+@dataclass
+class AllocationConfig:
+    """Which allocator, for which budget, and the knobs of the searches (see cpq_lib.allocation)."""
+
+    method: str = _f("classpath", choices=ALLOCATOR_NAMES)
+    weight_bits: float = _f(2.0, min=0.5, max=16.0)  # target average weight bits (plus slack)
+    act_bits: int | None = _f(2, min=1, max=16)
+    slack: float = _f(0.06, min=0.0, max=0.99)
+    search_images: int | None = _f(None, min=10)  # validation images a search evaluates on (None: all)
+    calibration_images: int = _f(512, min=1)       # training images for activation scales
+    images_per_class: int = _f(50, min=1)           # training images per class for class scores
+    sparsities: list[float] = _f([0.3, 0.5, 0.6, 0.9], min=0.0, max=0.99)
+    t1: float = _f(0.9, min=0.01, max=1.0)
+    r: float = _f(0.9, min=0.01, max=1.0)
+    similarity: str = _f("jaccard", choices=("jaccard", "interference"))
+    fill: bool = True
+    grid: int = _f(40, min=1, max=10_000)
+    start_bits: int | None = _f(None, min=1, max=16)
+
+
+@dataclass
 class ExperimentConfig:
     profile: str = _f("quick", choices=PROFILES)
     seed: int = _f(0, min=0)
@@ -71,6 +108,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,17 +194,23 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "quick":
         # one thread and pinned kernels: the stored notebooks' numbers reproduce bit for bit (cpq_lib.runtime)
         return {"profile": "quick", "threads": 1, "deterministic": True, "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
-                "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0}}
+                "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0},
+                "allocation": {"images_per_class": 50, "search_images": None},
+                "refine": {"epochs": 3, "batch_size": 64, "lr": 0.01}}
     if profile == "cifar10":
         # the recipe of the shipped resnet20 (see cpq_lib/models/pretrained/resnet20_cifar10.json)
         return {"profile": "cifar10", "data": {"name": "cifar10"}, "model": {"name": "resnet20", "pretrained": True},
                 "train": {"epochs": 200, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
-                          "label_smoothing": 0.1, "nesterov": True}}
+                          "label_smoothing": 0.1, "nesterov": True},
+                "allocation": {"images_per_class": 100, "search_images": 1000},
+                "refine": {"epochs": 3, "batch_size": 128, "lr": 0.01}}
     if profile == "paper":
         # thesis settings: 400 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4; meant for a GPU
         return {"profile": "paper", "device": "auto", "data": {"name": "cifar10"}, "model": {"name": "resnet20"},
                 "train": {"epochs": 400, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
-                          "nesterov": False}}
+                          "nesterov": False},
+                "allocation": {"images_per_class": 100, "search_images": 1000},
+                "refine": {"epochs": 400, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "nesterov": False}}
     raise ConfigError(f"profile: {profile!r} is not allowed; choose one of {list(PROFILES)}")
 
 

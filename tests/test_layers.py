@@ -11,7 +11,7 @@ BOTTOM = {"config", "errors", "fileio", "progress", "provenance", "runtime", "da
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}
-TOP = {"pipeline", "notebook", "runner", "sweep", "plots"}
+TOP = {"pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
 FORBIDDEN = {
     **{name: CORE | TRAINING | METHODS | TOP for name in BOTTOM},
     "quant": TRAINING | METHODS | TOP,

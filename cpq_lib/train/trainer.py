@@ -36,8 +36,27 @@ class TrainResult:
     seconds: float = 0.0
 
 
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Objective:
+    """The default objective: ``(loss, logits)`` of plain (optionally label-smoothed) cross-entropy."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return criterion(logits, labels), logits
+
+    return objective
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    """SGD; learnable quantizer scales get no weight decay (decay would shrink the clipping ranges)."""
+    scales = [p for n, p in model.named_parameters() if ".weight_quantizer." in f".{n}" or ".input_quantizer." in f".{n}"]
+    ids = {id(p) for p in scales}
+    weights = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": weights}] + ([{"params": scales, "weight_decay": 0.0}] if scales else [])
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
 
@@ -71,19 +90,32 @@ def train_model(
     progress: bool = True,
     eval_split: str = "val",
     on_epoch: Callable[[dict], None] | None = None,
+    objective: Objective | None = None,
+    state_key: dict | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.epochs`` epochs, validating on ``eval_split`` after each."""
+    """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps, if the config has
+    one), validating on ``eval_split`` after each epoch.
+
+    ``objective(model, images, labels) -> (loss, logits)`` defaults to cross-entropy with the config's
+    label smoothing (knowledge distillation: :class:`cpq_lib.train.Distillation`). ``state_key``: more
+    values a resumed state must have been made with (e.g. the bit plan of a quantized student).
+    """
     model.to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     optimizer = make_optimizer(model, cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    objective = objective or cross_entropy(cfg.label_smoothing)
     loader = data.train_loader(cfg.batch_size, seed=seed)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
+    max_steps = getattr(cfg, "max_steps", None)
+    epochs_to_run = cfg.epochs
+    if max_steps is not None:
+        total_steps = max_steps
+        epochs_to_run = -(-max_steps // steps_per_epoch)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     expected = {"train_config": dataclasses.asdict(cfg), "seed": seed, "val_digest": data.val_digest,
-                "dataset": data.name}
+                "dataset": data.name, **(state_key or {})}
     state_file = Path(state_path) if state_path is not None else None
     result = TrainResult()
     state = _load_state(state_file, expected) if state_file is not None else None
@@ -95,8 +127,8 @@ def train_model(
         result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
         result.seconds = float(state["seconds"])
 
-    epochs = progress_bar(range(result.epochs_completed, cfg.epochs), progress, desc="epochs",
-                  initial=result.epochs_completed, total=cfg.epochs)
+    epochs = progress_bar(range(result.epochs_completed, epochs_to_run), progress, desc="epochs",
+                          initial=result.epochs_completed, total=epochs_to_run)
     for epoch in epochs:
         started = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)
@@ -104,14 +136,16 @@ def train_model(
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for step_in_epoch, (images, labels) in enumerate(progress_bar(loader, progress, desc=f"epoch {epoch + 1}", leave=False)):
-            lr = learning_rate(epoch * steps_per_epoch + step_in_epoch, total_steps, cfg.lr, cfg.schedule,
+            step = epoch * steps_per_epoch + step_in_epoch
+            if step >= total_steps:  # a step budget ends inside this epoch
+                break
+            lr = learning_rate(step, total_steps, cfg.lr, cfg.schedule,
                                warmup_steps=warmup_steps, milestones=tuple(cfg.milestones), gamma=cfg.gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device).contiguous(memory_format=fmt)
             labels = labels.to(device)
-            logits = model(images)
-            loss = criterion(logits, labels)
+            loss, logits = objective(model, images, labels)
             if not torch.isfinite(loss):  # stop before non-finite weights are saved as a "trained" model
                 raise TrainingError(
                     f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.4g}); "

@@ -1,0 +1,11 @@
+"""Bit allocation: per-channel bit-widths under an average-bit budget (uniform, random, class count,
+sensitivity, class critical paths), each searching on validation data only."""
+
+from .class_paths import channel_bits
+from .evaluator import SearchEvaluator
+from .registry import ALLOCATORS, NEEDS_SCORES, allocate
+from .search import AllocationResult, SearchLog
+from .space import AllocationError, ChannelSpace, Target
+
+__all__ = ["ALLOCATORS", "NEEDS_SCORES", "AllocationError", "AllocationResult", "ChannelSpace", "SearchEvaluator", "SearchLog", "Target",
+           "allocate", "channel_bits"]

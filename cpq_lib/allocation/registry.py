@@ -1,0 +1,41 @@
+"""Allocators by name: each is ``fn(evaluator, target, **knobs) -> AllocationResult``.
+
+Every allocator sees the model only through a :class:`SearchEvaluator` (validation subset, counted
+evaluations) and class scores computed from training images, so none can read the test split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..classpath import ClassScores
+from .baselines import random_bits, sensitivity, uniform
+from .class_count import class_count
+from .class_paths import classpath
+from .evaluator import SearchEvaluator
+from .search import AllocationResult
+from .space import AllocationError, Target
+
+ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
+    "uniform": uniform,
+    "random": random_bits,
+    "class_count": class_count,
+    "sensitivity": sensitivity,
+    "classpath": classpath,
+}
+NEEDS_SCORES = ("class_count", "classpath")
+
+
+def allocate(method: str, evaluator: SearchEvaluator, target: Target, *, scores: ClassScores | None = None,
+             seed: int = 0, progress: bool = True, **knobs: Any) -> AllocationResult:
+    """Run allocator ``method`` for ``target``; the plan's average never exceeds ``target.max_bits``."""
+    if method not in ALLOCATORS:
+        raise AllocationError(f"unknown allocator {method!r}; allowed: {', '.join(ALLOCATORS)}")
+    if method in NEEDS_SCORES and scores is None:
+        raise AllocationError(f"allocator {method!r} needs class scores")
+    result = ALLOCATORS[method](evaluator, target, scores=scores, seed=seed, progress=progress, **knobs)
+    average = result.plan.meta["average_bits"]
+    if average > target.max_bits + 1e-9:  # every allocator promises this; a violation is a bug, not bad input
+        raise AssertionError(f"{method} returned {average:.4f} bits, above the budget {target.max_bits:.4f}")
+    result.plan.meta["seed"] = seed
+    return result

@@ -1,0 +1,186 @@
+"""One experiment, end to end: configuration in, result record (JSON) out.
+
+Stages, each resumable after a kill: the full-precision baseline (shared, cached), class scores from
+training images (shared, cached), the quantized student calibrated on training images, the bit search
+on the validation split (``search.json``), the student with its plan before refinement
+(``before_refinement.pt``), knowledge-distillation refinement (``refine_state.pt`` every epoch), and
+the record (``record.json``), whose presence marks the run finished. The test split is read once,
+in the final report, after everything else; searches get a view of the data without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
+from .classpath import ScoreSettings
+from .config import ExperimentConfig
+from .data import DataBundle, SearchData
+from .fileio import atomic_torch_save, atomic_write_json
+from .pipeline import baseline_model, class_scores, final_report, load_data
+from .provenance import run_record
+from .quant import BitPlan, QuantConfig, calibrate_, model_summary, quantize_
+from .runtime import configure_runtime
+from .train import Distillation, train_model
+
+RECORD = "record.json"
+SEARCH = "search.json"
+BEFORE = "before_refinement.pt"
+REFINE_STATE = "refine_state.pt"
+
+
+def quantized_student(model: nn.Module, config: ExperimentConfig, data: SearchData, device: str) -> nn.Module:
+    """A quantized copy of ``model``: per-channel symmetric weights (MSE-searched scales, 8 bits until a
+    plan is set), activations at the target width with MSE-searched clips calibrated on training images."""
+    a = config.allocation
+    quant = QuantConfig(weight_bits=8, act_bits=a.act_bits, weight_init="mse", act_init="mse",
+                        learnable_scales=config.refine.learnable_scales)
+    student = quantize_(copy.deepcopy(model).to(device), quant).eval()
+    calibrate_(student, data.calibration_loader(a.calibration_images, seed=config.seed), device)
+    return student
+
+
+def search_knobs(config: ExperimentConfig) -> dict[str, Any]:
+    a = config.allocation
+    knobs: dict[str, Any] = {"start_bits": a.start_bits}
+    if a.method == "classpath":
+        knobs.update(sparsities=list(a.sparsities), t1=a.t1, r=a.r, similarity=a.similarity, fill=a.fill)
+    elif a.method == "class_count":
+        knobs.update(grid=a.grid, t1=a.t1)
+    return knobs
+
+
+def run_search(student: nn.Module, config: ExperimentConfig, data: SearchData, scores, device: str,
+               progress: bool) -> AllocationResult:
+    a = config.allocation
+    evaluator = SearchEvaluator(student, data, a.search_images, seed=config.seed, device=device)
+    target = Target(a.weight_bits, a.act_bits, a.slack)
+    return allocate(a.method, evaluator, target, scores=scores, seed=config.seed, progress=progress, **search_knobs(config))
+
+
+def _load_search(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        BitPlan.from_dict(saved["plan"])
+        return saved
+    except (OSError, ValueError, KeyError):
+        return None  # damaged: search again
+
+
+def plan_digest(plan: BitPlan) -> str:
+    return hashlib.sha256(json.dumps(plan.to_dict()["layers"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_experiment(config: ExperimentConfig, run_dir: str | os.PathLike, *, shared_dir: str | os.PathLike | None = None,
+                   data: DataBundle | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or finish, or just read) the experiment ``config`` in ``run_dir``; returns its record.
+
+    ``shared_dir`` holds what runs of one sweep share: the trained baseline and cached class scores
+    (default: ``run_dir``). ``data``: an already loaded bundle for ``config.data`` (saves reloading).
+    """
+    run = Path(run_dir)
+    record_path = run / RECORD
+    if record_path.is_file():
+        return json.loads(record_path.read_text(encoding="utf-8"))
+    run.mkdir(parents=True, exist_ok=True)
+    shared = Path(shared_dir) if shared_dir is not None else run
+    started = time.perf_counter()
+    configure_runtime(config.seed, config.threads, config.deterministic)
+    device = config.resolved_device()
+    data = data if data is not None else load_data(config)
+    search_data = data.for_search()
+    teacher, card = baseline_model(config, data, shared, progress=progress)
+    teacher = teacher.to(device).eval()
+    a = config.allocation
+    scores = None
+    if a.method in NEEDS_SCORES:
+        scores = class_scores(teacher, search_data, shared, images_per_class=a.images_per_class, seed=config.seed,
+                              settings=ScoreSettings(), device=device, progress=progress)
+    student = quantized_student(teacher, config, search_data, device)
+
+    saved = _load_search(run / SEARCH)
+    if saved is None:
+        result = run_search(student, config, search_data, scores, device, progress)
+        saved = {"plan": result.plan.to_dict(), "trajectory": result.trajectory.to_dict("records"), "cost": result.cost,
+                 "accuracy": result.accuracy, "details": result.details}
+        atomic_write_json(json.loads(json.dumps(saved, default=float)), run / SEARCH)
+    plan = BitPlan.from_dict(saved["plan"])
+    before_path = run / BEFORE
+    if before_path.is_file():
+        student.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
+    else:
+        plan.apply_(student)  # per-channel scales for the plan's bits (what the search evaluated)
+        atomic_torch_save(student.state_dict(), before_path)
+
+    refine = config.refine
+    history: list[dict] = []
+    refine_seconds = 0.0
+    if refine.epochs > 0:
+        trained = train_model(student, search_data, refine, seed=config.seed, device=device,
+                              state_path=run / REFINE_STATE, log_path=run / "refine_log.jsonl", progress=progress,
+                              objective=Distillation(teacher, refine.alpha, refine.temperature),
+                              state_key={"plan": plan_digest(plan)})
+        history, refine_seconds = trained.history, trained.seconds
+    student.eval()
+
+    # the final report: the only place the test split is read
+    before = quantized_student(teacher, config, search_data, device)
+    before.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
+    example = data.val.images[:1].float().div(255.0).to(device)
+    results = {
+        "allocator": a.method, "target": {"weight_bits": a.weight_bits, "act_bits": a.act_bits,
+                                          "max_bits": a.weight_bits + a.slack, "label": Target(a.weight_bits, a.act_bits, a.slack).label()},
+        "plan": plan.to_dict(), "average_bits": plan.average_weight_bits(student),
+        "metrics": model_summary(student, example),
+        "search": {"cost": saved["cost"], "accuracy": saved["accuracy"], "details": saved["details"],
+                   "trajectory": saved["trajectory"]},
+        "before_refinement": _report(before, data, device),
+        "after_refinement": _report(student, data, device),
+        "refinement": {"epochs": refine.epochs, "max_steps": refine.max_steps, "seconds": round(refine_seconds, 1),
+                       "history": history},
+        "baseline": {"val_accuracy": card.get("val_accuracy"), "test_accuracy": card.get("test_accuracy")},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    record = run_record(config, json.loads(json.dumps(results, default=float)))
+    atomic_write_json(record, record_path)
+    return record
+
+
+def _report(model: nn.Module, data: DataBundle, device: str) -> dict[str, Any]:
+    report = final_report(model, data, device)
+    return {k: report[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "per_class_test_accuracy")}
+
+
+def tidy_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat row of a record: what a comparison table or plot needs."""
+    r = record["results"]
+    search = r["search"]
+    row = {
+        "allocator": r["allocator"], "target": r["target"]["label"], "target_bits": r["target"]["weight_bits"],
+        "act_bits": r["target"]["act_bits"], "seed": record["seed"], "average_bits": r["average_bits"],
+        "bitops": r["metrics"]["bitops"], "size_bytes": r["metrics"]["size_bytes"],
+        "compression_ratio": r["metrics"]["compression_ratio"],
+        "val_before": r["before_refinement"]["val_accuracy"], "test_before": r["before_refinement"]["test_accuracy"],
+        "val_after": r["after_refinement"]["val_accuracy"], "test_after": r["after_refinement"]["test_accuracy"],
+        "search_accuracy": search["accuracy"], "evaluations": search["cost"]["evaluations"],
+        "search_seconds": search["cost"]["search_seconds"], "refine_epochs": r["refinement"]["epochs"],
+        "refine_seconds": r["refinement"]["seconds"], "seconds": r["seconds"],
+        "sparsity": search["details"].get("sparsity"),
+    }
+    return row
+
+
+def tidy_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([tidy_row(r) for r in records])

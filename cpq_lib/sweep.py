@@ -1,0 +1,169 @@
+"""Grids of experiments: ``python -m cpq_lib.sweep --profile quick --out runs/sweep --grid allocation.method=uniform,classpath``.
+
+Every combination of the grid's axes is one run of :func:`cpq_lib.experiment.run_experiment` in
+``<out>/runs/<run id>``; runs share ``<out>/shared`` (the baseline and cached class scores). After each
+run the records are merged into ``<out>/results.csv`` (one tidy row per run). Stopped and started
+again, a sweep skips finished runs (their ``record.json``) and resumes the interrupted one from its
+last checkpoint. A sweep folder may be extended with more axes or values later (for example more seeds
+for some allocators): run ids come from the configuration, and a run folder whose record was made with
+another configuration is an error, not silently reused.
+
+Axes: ``field=v1,v2,...`` (values as JSON where they parse, else strings), or several fields that
+move together, ``field1,field2=a1:a2,b1:b2`` (for example ``allocation.weight_bits,allocation.act_bits=2:2,3:3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .config import ExperimentConfig, make_config
+from .errors import ConfigError, CpqError
+from .experiment import RECORD, run_experiment, tidy_frame
+from .fileio import atomic_path
+from .pipeline import load_data
+from .progress import progress as progress_bar
+from .runtime import configure_runtime
+
+RESULTS = "results.csv"
+SHORT = {"allocation.method": "", "allocation.weight_bits": "W", "allocation.act_bits": "A", "seed": "s"}
+MACHINE_FIELDS = ("data.root",)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_axis(text: str) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """``a.b=1,2`` -> (("a.b",), [(1,), (2,)]); ``x,y=1:2,3:4`` -> (("x", "y"), [(1, 2), (3, 4)])."""
+    if "=" not in text:
+        raise ConfigError(f"grid axis {text!r}: expected FIELD=V1,V2,... or FIELD1,FIELD2=A1:A2,B1:B2")
+    left, right = text.split("=", 1)
+    fields = tuple(f.strip() for f in left.split(",") if f.strip())
+    values = []
+    for item in right.split(","):
+        parts = item.split(":") if len(fields) > 1 else [item]
+        if len(parts) != len(fields):
+            raise ConfigError(f"grid axis {text!r}: value {item!r} needs {len(fields)} parts separated by ':'")
+        values.append(tuple(parse_value(p.strip()) for p in parts))
+    if not fields or not values:
+        raise ConfigError(f"grid axis {text!r} has no fields or no values")
+    return fields, values
+
+
+def combinations(axes: Iterable[tuple[tuple[str, ...], list[tuple[Any, ...]]]]) -> list[dict[str, Any]]:
+    axes = list(axes)
+    runs = []
+    for choice in itertools.product(*[values for _, values in axes]):
+        overrides: dict[str, Any] = {}
+        for (fields, _), values in zip(axes, choice):
+            overrides.update(zip(fields, values))
+        runs.append(overrides)
+    return runs
+
+
+def run_id(overrides: dict[str, Any]) -> str:
+    """A readable, stable folder name: the usual fields spelled out, anything else hashed."""
+    parts = [f"{SHORT[k]}{overrides[k]}" for k in SHORT if k in overrides]
+    rest = {k: v for k, v in overrides.items() if k not in SHORT and k not in MACHINE_FIELDS}
+    if rest:
+        parts.append(hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8])
+    name = "-".join(str(p) for p in parts) or "default"
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", name)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration without where things live on this machine (the data root may move)."""
+    config = json.loads(json.dumps(config))
+    config.get("data", {}).pop("root", None)
+    return config
+
+
+def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
+    record = run_dir / RECORD
+    if record.is_file():
+        recorded = json.loads(record.read_text(encoding="utf-8"))["config"]
+        if _comparable(recorded) != _comparable(config.to_dict()):
+            raise ConfigError(f"{run_dir} holds a run made with another configuration; use another --out or remove it")
+
+
+def collect(out_dir: Path) -> pd.DataFrame:
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out_dir / "runs").glob(f"*/{RECORD}"))]
+    frame = tidy_frame(records) if records else pd.DataFrame()
+    if len(frame):
+        frame.insert(0, "run", [p.parent.name for p in sorted((out_dir / "runs").glob(f"*/{RECORD}"))])
+    return frame
+
+
+def write_results(out_dir: Path) -> pd.DataFrame:
+    frame = collect(out_dir)
+    with atomic_path(out_dir / RESULTS) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
+              base: dict[str, Any] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results."""
+    out = Path(out_dir)
+    runs = combinations(axes)
+    configs = [(run_id({**(base or {}), **overrides}), make_config(profile, {**(base or {}), **overrides})) for overrides in runs]
+    ids = [i for i, _ in configs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"the grid gives two runs the same id: {sorted(i for i in ids if ids.count(i) > 1)[:3]}")
+    for identifier, config in configs:
+        _check_same_config(out / "runs" / identifier, config)
+    data_cache: dict[str, Any] = {}
+    for identifier, config in progress_bar(configs, progress, desc="sweep"):
+        key = json.dumps(config.to_dict()["data"], sort_keys=True)
+        if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
+            configure_runtime(config.seed, config.threads, config.deterministic)  # before anything computes
+            data_cache[key] = load_data(config)
+        run_experiment(config, out / "runs" / identifier, shared_dir=out / "shared", data=data_cache.get(key),
+                       progress=progress)
+        write_results(out)
+    return write_results(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cpq_lib.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", required=True, help="sweep folder (runs/, shared/, results.csv)")
+    parser.add_argument("--grid", action="append", default=[], metavar="AXIS", help="FIELD=V1,V2 (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every run")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder")
+    base: dict[str, Any] = {"data.root": args.data_root} if args.data_root else {}
+    try:
+        for item in args.set:
+            if "=" not in item:
+                raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            base[key] = parse_value(value)
+        axes = [parse_axis(text) for text in args.grid]
+        frame = run_sweep(args.profile, axes, args.out, base, progress=not args.no_progress)
+    except CpqError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(frame)} finished run(s); results in {Path(args.out) / RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
