@@ -65,3 +65,25 @@ def digits_baseline(tmp_path_factory, digits):
     from cpq_lib.pipeline import baseline_model
 
     return baseline_model(make_config("quick"), digits, tmp_path_factory.mktemp("baseline-run"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def quick_baseline_dir(tmp_path_factory) -> Path:
+    """A ``baseline`` folder as the quick profile trains it (one thread, pinned kernels), to copy into the
+    run folders of subprocess tests so that they do not train again."""
+    import torch
+
+    from cpq_lib.config import make_config
+    from cpq_lib.pipeline import baseline_model, load_data
+    from cpq_lib.runtime import configure_runtime
+
+    threads = torch.get_num_threads()
+    config = make_config("quick")
+    configure_runtime(config.seed, config.threads, config.deterministic)
+    run = tmp_path_factory.mktemp("quick-run")
+    try:
+        baseline_model(config, load_data(config), run, progress=False)
+    finally:  # give the rest of the session its threads and kernels back
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    return run / "baseline"

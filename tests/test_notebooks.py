@@ -88,32 +88,14 @@ def _nbval_with(mutation: str, notebooks: list[str], tmp_path: Path, baseline: P
                            "--nbval-current-env", *notebooks], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def quick_baseline_folder(tmp_path_factory) -> Path:
-    from cpq_lib.config import make_config
-    from cpq_lib.pipeline import baseline_model, load_data
-    from cpq_lib.runtime import configure_runtime
-
-    config = make_config("quick")
-    configure_runtime(config.seed, config.threads, config.deterministic)
-    run = tmp_path_factory.mktemp("quick-run")
-    baseline_model(config, load_data(config), run, progress=False)
-    torch.set_num_threads(THREADS)  # give the rest of the session its threads and kernels back
-    torch.use_deterministic_algorithms(False)
-    return run / "baseline"
-
-
-THREADS = torch.get_num_threads()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mutation,notebooks,failing", [
     ("scores_all_ones", ["notebooks/03_class_scores.ipynb", "notebooks/04_critical_paths.ipynb"],
      {"03_class_scores.ipynb": 2, "04_critical_paths.ipynb": 3}),
     ("quantization_off", ["notebooks/02_quantization_basics.ipynb"], {"02_quantization_basics.ipynb": 2}),
 ])
-def test_nbval_fails_when_results_are_wrong(mutation, notebooks, failing, tmp_path, quick_baseline_folder):
-    result = _nbval_with(mutation, notebooks, tmp_path, quick_baseline_folder)
+def test_nbval_fails_when_results_are_wrong(mutation, notebooks, failing, tmp_path, quick_baseline_dir):
+    result = _nbval_with(mutation, notebooks, tmp_path, quick_baseline_dir)
     assert result.returncode == 1, result.stdout[-3000:]
     # compared outputs differ (not a cell that crashed): "<notebook>::Cell N" ... "Cell N: Cell outputs differ"
     differ = re.findall(r"_+ (\S+)::Cell (\d+) _+\s+\S*Notebook cell execution failed\S*\s+\S*Cell \2: Cell outputs differ",

@@ -14,7 +14,8 @@ class Distillation:
 
     KL uses the batch mean (``reduction="batchmean"``: the true KL per sample, which "mean" is not),
     and the T^2 factor keeps the soft term's gradients comparable across temperatures (Hinton et al.).
-    The teacher runs in eval mode without gradients; it must not share parameters with the student.
+    The teacher is put in eval mode and runs without gradients (its parameters are left as they are);
+    it must not share parameters with the student.
     """
 
     def __init__(self, teacher: nn.Module, alpha: float = 0.3, temperature: float = 4.0) -> None:
@@ -22,9 +23,7 @@ class Distillation:
             raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be positive, got {temperature}")
-        self.teacher = teacher.eval()
-        for parameter in self.teacher.parameters():
-            parameter.requires_grad_(False)
+        self.teacher = teacher.eval()  # batch norm from running statistics, no dropout
         self.alpha = alpha
         self.temperature = temperature
 

@@ -21,7 +21,7 @@ from ..progress import progress as progress_bar
 from ..config import TrainConfig
 from ..data import DataBundle
 from ..errors import CheckpointError, TrainingError
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, atomic_write_text
 from .evaluate import evaluate
 from .schedule import learning_rate
 
@@ -126,6 +126,8 @@ def train_model(
         result.history = list(state["history"])
         result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
         result.seconds = float(state["seconds"])
+        if log_path is not None:  # the log matches the state (a kill may fall between saving and logging)
+            atomic_write_text("".join(json.dumps(record) + "\n" for record in result.history), log_path)
 
     epochs = progress_bar(range(result.epochs_completed, epochs_to_run), progress, desc="epochs",
                           initial=result.epochs_completed, total=epochs_to_run)

@@ -1,0 +1,184 @@
+"""Allocators: every one meets its budget with a valid plan; the searches' building blocks against
+brute force and hand-made scores; searches cannot see the test split."""
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+
+from cpq_lib.allocation import (
+    ALLOCATORS, AllocationError, ChannelSpace, SearchEvaluator, Target, allocate, channel_bits,
+)
+from cpq_lib.allocation.baselines import pareto_knapsack
+from cpq_lib.allocation.class_count import bits_from_borders
+from cpq_lib.classpath import ClassScores
+from cpq_lib.errors import DataError
+from cpq_lib.quant import BitPlan, QuantConfig, calibrate_, quantize_, quantized_layers
+
+
+@pytest.fixture(scope="module")
+def search(digits_baseline, digits):
+    """The trained digits model, quantized (MSE scales) and calibrated on training images, and its scores."""
+    from cpq_lib.classpath import score_classes
+
+    model = digits_baseline[0]
+    data = digits.for_search()
+    student = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=8, act_bits=4, weight_init="mse", act_init="mse")).eval()
+    calibrate_(student, data.calibration_loader(256))
+    scores = score_classes(model, data.per_class_loader(20), 10, data.classes, progress=False)
+    return student, data, scores
+
+
+@pytest.mark.parametrize("method", sorted(ALLOCATORS))
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_every_allocator_meets_its_budget_with_a_valid_plan(search, method, bits):
+    student, data, scores = search
+    evaluator = SearchEvaluator(student, data)
+    target = Target(bits, 4)
+    result = allocate(method, evaluator, target, scores=scores, progress=False,
+                      **({"sparsities": [0.5, 0.9]} if method == "classpath" else {}))
+    plan = result.plan
+    plan.validate(student)
+    average = plan.average_weight_bits(student)
+    assert average <= target.max_bits + 1e-9 and average == pytest.approx(plan.meta["average_bits"], abs=1e-6)
+    assert average >= bits - 1.0, "a plan far below the budget wastes it"
+    assert all(layer.activation == 4 for layer in plan.layers.values())
+    assert plan.meta["allocator"] == method and plan.meta["target"] == f"W{bits:g}A4"
+    assert result.cost["evaluations"] == evaluator.evaluations >= 1
+    assert 0.0 <= result.accuracy <= 1.0 and len(result.trajectory) >= 1
+    assert {"step", "phase", "action", "average_bits", "accuracy", "accepted", "evaluations"} <= set(result.trajectory.columns)
+
+
+def test_evaluator_scales_equal_what_apply_sets(search):
+    """The evaluator's per-(layer, bits) scale table gives exactly the scales BitPlan.apply_ computes."""
+    student, data, _ = search
+    evaluator = SearchEvaluator(copy.deepcopy(student), data)
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(1, 7, (evaluator.space.size,), generator=generator)
+    evaluator.set_bits(bits)
+    applied = copy.deepcopy(student)
+    evaluator.space.to_plan(bits, 4).apply_(applied)
+    for (name, a), (_, b) in zip(quantized_layers(evaluator.model), quantized_layers(applied)):
+        assert torch.equal(a.weight_quantizer.bits, b.weight_quantizer.bits), name
+        assert torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale), name
+    x = data.val.images[:32].float() / 255
+    with torch.no_grad():
+        assert torch.equal(evaluator.model(x), applied(x))
+
+
+def test_searches_cannot_read_the_test_split(search, digits):
+    student, data, _ = search
+    with pytest.raises(AllocationError, match="data.for_search"):
+        SearchEvaluator(student, digits)  # a bundle that still holds the test split
+    with pytest.raises(DataError, match="test split is read once"):
+        data.eval_loader("test")
+    with pytest.raises(DataError, match="test split is read once"):
+        data.test.images
+    with pytest.raises(DataError):
+        data.subset("test", 10)
+
+
+def test_classpath_gives_channels_on_more_paths_at_least_as_many_bits(search):
+    """Hand-made scores: in each layer the first quarter of channels tops every class's list (shared),
+    the rest are split so that each belongs to one class only (exclusive)."""
+    student, data, _ = search
+    space = ChannelSpace.of(student)
+    made = {}
+    owner = {}
+    for name, count in zip(space.names, space.channels):
+        score = torch.zeros(10, count)
+        shared = count // 4
+        score[:, :shared] = 1.0
+        for channel in range(shared, count):
+            score[channel % 10, channel] = 0.9
+        made[name] = score
+        owner[name] = shared
+    scores = ClassScores(made, [str(c) for c in range(10)], [5] * 10, [], {})
+    evaluator = SearchEvaluator(student, data)
+    result = allocate("classpath", evaluator, Target(2.0, 4), scores=scores, sparsities=[0.6], progress=False)
+    bits = space.split(space.from_plan(result.plan))
+    for name in space.names:
+        shared, rest = bits[name][:owner[name]], bits[name][owner[name]:]
+        assert int(shared.min()) >= int(rest.max()), name
+    assert float(torch.cat([b[:owner[n]] for n, b in bits.items()]).double().mean()) > \
+        float(torch.cat([b[owner[n]:] for n, b in bits.items()]).double().mean())
+
+
+def test_channel_bits_is_the_max_over_paths():
+    masks = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    assert channel_bits(masks, torch.tensor([3, 5]), 1).tolist() == [5, 3, 5, 1]
+
+
+def test_pareto_knapsack_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(40):
+        layers = [[(b * size, rng.random() / b, b) for b in range(1, 5)] for size in (rng.randint(1, 9) for _ in range(5))]
+        budget = rng.uniform(5, 100)
+        best = None
+        for choice in itertools.product(*layers):
+            cost, loss = sum(c for c, _, _ in choice), sum(l for _, l, _ in choice)
+            if cost <= budget and (best is None or loss < best[0]):
+                best = (loss, [b for _, _, b in choice])
+        found = pareto_knapsack(layers, budget)
+        if best is None:
+            assert found is None
+        else:
+            chosen = [layer[b - 1] for layer, b in zip(layers, found)]
+            assert sum(c for c, _, _ in chosen) <= budget + 1e-9
+            assert sum(l for _, l, _ in chosen) == pytest.approx(best[0])
+
+
+def test_class_count_borders_map_counts_to_bits():
+    counts = torch.tensor([0.0, 0.4, 2.0, 5.0, 9.5], dtype=torch.float64)
+    assert bits_from_borders(counts, [0.0, 0.0, 0.0, 0.0]).tolist() == [0, 4, 4, 4, 4]
+    assert bits_from_borders(counts, [0.5, 2.0, 6.0, 9.0]).tolist() == [0, 0, 1, 2, 4]
+
+
+def test_uniform_mixes_two_widths_layer_by_layer_for_fractional_targets(search):
+    student, data, _ = search
+    result = allocate("uniform", SearchEvaluator(student, data), Target(2.5, 4, slack=0.0), progress=False)
+    per_layer = {name: set(layer.weight) for name, layer in result.plan.layers.items()}
+    assert all(len(values) == 1 for values in per_layer.values())
+    assert {next(iter(v)) for v in per_layer.values()} <= {2, 3}
+    assert result.plan.average_weight_bits(student) <= 2.5
+
+
+def test_random_is_seeded(search):
+    student, data, _ = search
+    evaluator = SearchEvaluator(student, data)
+    first = allocate("random", evaluator, Target(3.0, 4), seed=1, progress=False).plan
+    again = allocate("random", evaluator, Target(3.0, 4), seed=1, progress=False).plan
+    other = allocate("random", evaluator, Target(3.0, 4), seed=2, progress=False).plan
+    assert first.layers == again.layers and first.layers != other.layers
+    assert len({b for layer in first.layers.values() for b in layer.weight}) >= 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"weight_bits": 0}, "target weight bits"), ({"weight_bits": 2, "act_bits": 0}, "activation bits"),
+    ({"weight_bits": 2, "act_bits": 2, "slack": -0.1}, "slack"), ({"weight_bits": True, "act_bits": 2}, "target weight bits"),
+])
+def test_bad_targets(kwargs, message):
+    with pytest.raises(AllocationError, match=message):
+        Target(**{"act_bits": None, **kwargs})
+
+
+def test_allocate_errors(search, digits_baseline):
+    student, data, scores = search
+    evaluator = SearchEvaluator(student, data)
+    with pytest.raises(AllocationError, match="unknown allocator 'greedy'.*classpath"):
+        allocate("greedy", evaluator, Target(2, 4))
+    for method in ("classpath", "class_count"):
+        with pytest.raises(AllocationError, match="needs class scores"):
+            allocate(method, evaluator, Target(2, 4))
+    with pytest.raises(AllocationError, match="unknown similarity"):
+        allocate("classpath", evaluator, Target(2, 4), scores=scores, similarity="cosine", progress=False)
+    with pytest.raises(AllocationError, match="min_bits"):
+        allocate("classpath", evaluator, Target(2, 4), scores=scores, min_bits=5, progress=False)
+    other = ClassScores({"nope": torch.ones(10, 3)}, [str(c) for c in range(10)], [1] * 10, [], {})
+    with pytest.raises(AllocationError, match="no entry for quantized layer"):
+        allocate("class_count", evaluator, Target(2, 4), scores=other, progress=False)
+    block = quantize_(copy.deepcopy(digits_baseline[0]), QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(2, 2)))
+    with pytest.raises(AllocationError, match="per-channel symmetric"):
+        SearchEvaluator(block, data)

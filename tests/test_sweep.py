@@ -1,0 +1,84 @@
+"""Sweeps: grid parsing, run ids, and resumption after SIGKILL without redoing finished runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from cpq_lib.errors import ConfigError
+from cpq_lib.sweep import combinations, parse_axis, run_id, run_sweep
+
+
+def test_axes_and_combinations():
+    assert parse_axis("allocation.method=uniform,classpath") == (("allocation.method",), [("uniform",), ("classpath",)])
+    fields, values = parse_axis("allocation.weight_bits,allocation.act_bits=2:2,3:3")
+    assert fields == ("allocation.weight_bits", "allocation.act_bits") and values == [(2, 2), (3, 3)]
+    runs = combinations([parse_axis("seed=0,1"), (fields, values)])
+    assert len(runs) == 4 and runs[1] == {"seed": 0, "allocation.weight_bits": 3, "allocation.act_bits": 3}
+    assert run_id({"allocation.method": "uniform", "allocation.weight_bits": 2, "allocation.act_bits": 2, "seed": 1}) == "uniform-W2-A2-s1"
+    assert run_id({"allocation.method": "uniform", "refine.epochs": 15, "data.root": "/x"}) != run_id({"allocation.method": "uniform"})
+    assert run_id({"data.root": "/a"}) == run_id({"data.root": "/b"})  # where the data lives is not the run
+    for bad, message in (("seed", "FIELD=V1"), ("a,b=1:2,3", "needs 2 parts")):
+        with pytest.raises(ConfigError, match=message):
+            parse_axis(bad)
+
+
+def test_a_run_folder_made_with_another_configuration_is_refused(tmp_path, quick_baseline_dir):
+    shutil.copytree(quick_baseline_dir, tmp_path / "shared" / "baseline")
+    axes = [parse_axis("allocation.method=uniform")]
+    run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    (record,) = (tmp_path / "runs").glob("uniform*/record.json")
+    text = record.read_text()
+    record.write_text(text.replace('"calibration_images": 512', '"calibration_images": 100'))  # made with other settings
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+
+
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    import cpq_lib.train.trainer as trainer
+    from cpq_lib.sweep import main
+
+    real_save = trainer.atomic_torch_save
+
+    def save_then_die(payload, path):
+        real_save(payload, path)
+        if "random" in str(path) and payload.get("epoch") == 1:  # second run, first refinement epoch saved
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.atomic_torch_save = save_then_die
+    main(sys.argv[1:])
+''')
+GRID = ["--grid", "allocation.method=uniform,random", "--set", "refine.epochs=2", "--no-progress"]
+
+
+def _sweep(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_sigkill_without_redoing_finished_runs(tmp_path, quick_baseline_dir):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for out in (killed, clean):
+        shutil.copytree(quick_baseline_dir, out / "shared" / "baseline")
+    first = _sweep(["-c", KILLER, "--out", str(killed), *GRID], tmp_path)
+    assert first.returncode == -9, first.stderr[-2000:]
+    (finished,) = (killed / "runs").glob("uniform*/record.json")
+    (interrupted,) = (killed / "runs").glob("random*")
+    stamp, content = finished.stat().st_mtime_ns, finished.read_bytes()
+    assert not (interrupted / "record.json").exists() and (interrupted / "refine_state.pt").is_file()
+    second = _sweep(["-m", "cpq_lib.sweep", "--out", str(killed), *GRID], tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert finished.stat().st_mtime_ns == stamp and finished.read_bytes() == content  # not redone
+    log = [json.loads(line) for line in (interrupted / "refine_log.jsonl").read_text().splitlines() if line]
+    assert [entry["epoch"] for entry in log] == [1, 2]  # epoch 1 once (before the kill), then resumed at 2
+    assert _sweep(["-m", "cpq_lib.sweep", "--out", str(clean), *GRID], tmp_path).returncode == 0
+    resumed, uninterrupted = (pd.read_csv(out / "results.csv") for out in (killed, clean))
+    exact = ["run", "average_bits", "val_before", "test_before", "val_after", "test_after", "evaluations"]
+    pd.testing.assert_frame_equal(resumed[exact], uninterrupted[exact])  # resumption changes no number
+    assert len(resumed) == 2
