@@ -238,6 +238,11 @@ def make_config(profile: str = "quick", overrides: dict[str, Any] | None = None)
     return from_dict(ExperimentConfig, data)
 
 
+def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy of ``config`` with ``overrides`` (nested or dotted keys) applied."""
+    return from_dict(ExperimentConfig, _merge(config.to_dict(), _undot(overrides)))
+
+
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
     """Read JSON (``.json``) or YAML (``.yaml``/``.yml``); the file's ``profile`` supplies the defaults."""
     path = Path(path)

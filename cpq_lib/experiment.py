@@ -11,7 +11,6 @@ in the final report, after everything else; searches get a view of the data with
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
+from .allocation.report import plan_digest
 from .classpath import ScoreSettings
 from .config import ExperimentConfig
 from .data import DataBundle, SearchData
@@ -77,10 +77,6 @@ def _load_search(path: Path) -> dict[str, Any] | None:
         return saved
     except (OSError, ValueError, KeyError):
         return None  # damaged: search again
-
-
-def plan_digest(plan: BitPlan) -> str:
-    return hashlib.sha256(json.dumps(plan.to_dict()["layers"], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | os.PathLike, *, shared_dir: str | os.PathLike | None = None,

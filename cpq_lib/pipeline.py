@@ -89,14 +89,21 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
     return model, card
 
 
+def baseline_folder(run_dir: str | os.PathLike, seed: int) -> Path:
+    """Where a trained baseline of ``seed`` is cached: one folder per seed, so runs of several seeds
+    sharing a folder (a sweep) do not retrain each other's baseline."""
+    return Path(run_dir) / "baseline" / f"seed-{seed}"
+
+
 def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os.PathLike, *,
                    progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The full-precision model of a profile: the shipped checkpoint, a cached one in ``run_dir``, or a new one."""
+    """The full-precision model of a profile: the shipped checkpoint, a cached one in ``run_dir``
+    (``baseline/seed-<seed>``), or a newly trained one."""
     if config.model.pretrained:
         model, card = load_pretrained(config.model.name, data.name)
         check_card_matches(card, data, f"shipped {config.model.name}_{data.name}")
         return model, card
-    path = Path(run_dir) / "baseline" / "model.pt"
+    path = baseline_folder(run_dir, config.seed) / "model.pt"
     if path.is_file():
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
         same_run = (card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed

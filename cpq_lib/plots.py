@@ -108,3 +108,123 @@ def per_class_bars(classes: Sequence[str], accuracy: Sequence[float], title: str
     ax.set(xlim=(low, 100), xlabel="top-1 accuracy (%)", ylabel="", title=title)
     fig.tight_layout()
     return fig
+
+
+def search_trajectory(trajectory: pd.DataFrame, title: str = "") -> plt.Figure:
+    """A search step by step: validation accuracy of every tried plan (accepted filled, rejected hollow)
+    and the average bits of the plan held after each step. Colour: the sub-search (e.g. the path
+    sparsity, from phases named "s=<sparsity> <stage>"); marker: the stage."""
+    frame = trajectory.copy()
+    phase = frame["phase"].astype(str)
+    split = phase.str.extract(r"^(s=\S+) (.*)$")
+    frame["run"] = split[0].fillna("search")
+    frame["stage"] = split[1].fillna(phase)
+    fig, (ax_acc, ax_bits) = plt.subplots(2, 1, figsize=(8, 5.4), sharex=True)
+    runs, stages = list(dict.fromkeys(frame["run"])), list(dict.fromkeys(frame["stage"]))
+    colors = dict(zip(runs, sns.color_palette("colorblind", len(runs))))
+    markers = dict(zip(stages, "osD^v<>ph*"))
+    tried = frame.dropna(subset=["accuracy"])
+    for (run, stage), group in tried.groupby(["run", "stage"], sort=False):
+        accepted = group["accepted"].astype(bool)
+        ax_acc.scatter(group.loc[accepted, "step"], 100 * group.loc[accepted, "accuracy"], color=colors[run],
+                       marker=markers[stage], s=20)
+        ax_acc.scatter(group.loc[~accepted, "step"], 100 * group.loc[~accepted, "accuracy"], facecolors="none",
+                       edgecolors=colors[run], marker=markers[stage], s=20)
+    handles = [plt.Line2D([], [], color=colors[r], marker="s", ls="", label=r) for r in runs if len(runs) > 1]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[s], ls="", label=s) for s in stages]
+    ax_acc.legend(handles=handles, fontsize=7, ncol=2, loc="lower left")
+    ax_acc.set(ylabel="validation top-1 (%)", title=title or "search trajectory (hollow: tried and rejected)")
+    held = frame[frame["accepted"].astype(bool)]
+    ax_bits.step(held["step"], held["average_bits"], where="post", color="black")
+    ax_bits.set(xlabel="step (one tried plan each)", ylabel="average weight bits (plan held)")
+    fig.tight_layout()
+    return fig
+
+
+def bits_per_layer_bars(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Per layer, the share of its channels at each bit-width (stacked), mean bits printed at the end."""
+    columns = [c for c in table.columns if c.endswith(" bits")]
+    shares = table[columns].div(table[columns].sum(axis=1), axis=0)
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(table) + 1.4))
+    left = np.zeros(len(table))
+    colors = sns.color_palette("viridis", len(columns))
+    hatches = ["", "//", "..", "xx", "\\\\", "oo", "--", "++"]
+    for index, column in enumerate(columns):
+        ax.barh(table.index, shares[column], left=left, color=colors[index], hatch=hatches[index % len(hatches)],
+                edgecolor="white", label=column)
+        left += shares[column].to_numpy()
+    for y, mean in enumerate(table["mean_bits"]):
+        ax.text(1.01, y, f"{mean:.2f}", va="center", fontsize=7)
+    ax.set(xlim=(0, 1.08), xlabel="share of the layer's channels (mean bits at the right)", title=title)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, ncol=len(columns), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / max(4, len(table))))
+    fig.tight_layout()
+    return fig
+
+
+def bits_vs_class_count(frame: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Every quantized channel: its class count against its bits (bits jittered so that points separate)."""
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    jitter = frame["bits"] + rng.uniform(-0.18, 0.18, len(frame))
+    depth = pd.Categorical(frame["layer"], categories=list(dict.fromkeys(frame["layer"]))).codes
+    points = ax.scatter(frame["class count"], jitter, c=depth, cmap="viridis", s=9, alpha=0.7)
+    means = frame.groupby("bits")["class count"].mean()
+    ax.plot(means.to_numpy(), means.index, color="black", marker="D", ls="--", lw=1, label="mean class count per width")
+    ax.set(xlabel="class count (classes the channel matters for)", ylabel="bits", title=title)
+    ax.set_yticks(sorted(frame["bits"].unique()))
+    layers = int(depth.max()) + 1
+    fig.colorbar(points, ax=ax, label="layer (forward order)", ticks=range(layers) if layers <= 20 else None)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def refinement_curves(histories: dict[str, Sequence[dict]], title: str = "") -> plt.Figure:
+    """Validation accuracy and training loss per refinement epoch, one line per run."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9.5, 3.3))
+    markers = "osD^v<>ph"
+    for index, (label, history) in enumerate(histories.items()):
+        frame = pd.DataFrame(list(history))
+        ax_acc.plot(frame["epoch"], 100 * frame["val_accuracy"], marker=markers[index % 9], label=label)
+        ax_loss.plot(frame["epoch"], frame["train_loss"], marker=markers[index % 9], label=label)
+    ax_acc.set(xlabel="refinement epoch", ylabel="validation top-1 (%)", title="accuracy")
+    ax_loss.set(xlabel="refinement epoch", ylabel="distillation loss", title="training loss (CE + KL)")
+    ax_acc.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_change(classes: Sequence[str], before: Sequence[float], after: Sequence[float], title: str = "") -> plt.Figure:
+    """Per-class accuracy before and after, as arrows (worst class after refinement at the top)."""
+    frame = pd.DataFrame({"class": list(classes), "before": [100 * b for b in before], "after": [100 * a for a in after]})
+    frame = frame.sort_values("after")
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(frame) + 1.3))
+    y = np.arange(len(frame))
+    ax.hlines(y, frame["before"], frame["after"], color="grey", lw=1)
+    ax.scatter(frame["before"], y, marker="o", facecolors="none", edgecolors=sns.color_palette("colorblind")[3], label="before")
+    ax.scatter(frame["after"], y, marker="D", color=sns.color_palette("colorblind")[0], label="after")
+    ax.set_yticks(y, frame["class"])
+    ax.set(xlabel="test top-1 (%)", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def comparison(frame: pd.DataFrame, x: str, y: str = "test_after", title: str = "", log_x: bool = False) -> plt.Figure:
+    """Mean and standard deviation over seeds of ``y`` against ``x``, one line per allocator."""
+    summary = frame.groupby(["allocator", "target"]).agg(x=(x, "mean"), mean=(y, "mean"), std=(y, "std")).reset_index()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    palette = sns.color_palette("colorblind", summary["allocator"].nunique())
+    for index, (allocator, group) in enumerate(summary.groupby("allocator")):
+        group = group.sort_values("x")
+        ax.errorbar(group["x"], 100 * group["mean"], yerr=100 * group["std"].fillna(0), marker="osD^v"[index % 5],
+                    ls=["-", "--", ":", "-.", (0, (3, 1, 1, 1))][index % 5], color=palette[index], capsize=3, label=allocator)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=x.replace("_", " "), ylabel=f"{y.replace('_', ' ')} top-1 (%)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

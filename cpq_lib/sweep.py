@@ -115,9 +115,14 @@ def write_results(out_dir: Path) -> pd.DataFrame:
 
 
 def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
-              base: dict[str, Any] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results."""
+              base: dict[str, Any] | None = None, progress: bool = True,
+              shared_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results.
+
+    ``shared_dir`` (default ``<out>/shared``): where runs find and cache baselines and class scores.
+    """
     out = Path(out_dir)
+    shared = Path(shared_dir) if shared_dir is not None else out / "shared"
     runs = combinations(axes)
     configs = [(run_id({**(base or {}), **overrides}), make_config(profile, {**(base or {}), **overrides})) for overrides in runs]
     ids = [i for i, _ in configs]
@@ -131,7 +136,7 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
             configure_runtime(config.seed, config.threads, config.deterministic)  # before anything computes
             data_cache[key] = load_data(config)
-        run_experiment(config, out / "runs" / identifier, shared_dir=out / "shared", data=data_cache.get(key),
+        run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key),
                        progress=progress)
         write_results(out)
     return write_results(out)

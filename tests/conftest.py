@@ -86,4 +86,4 @@ def quick_baseline_dir(tmp_path_factory) -> Path:
     finally:  # give the rest of the session its threads and kernels back
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
-    return run / "baseline"
+    return run / "baseline"  # holds seed-0/

@@ -126,3 +126,14 @@ def test_quick_profile_pins_the_runtime_and_cifar10_matches_the_shipped_card():
     assert cifar.train.epochs == card["epochs"] == 200
     for key in ("batch_size", "lr", "weight_decay", "schedule", "label_smoothing", "nesterov"):
         assert getattr(cifar.train, key) == card["train"][key], key
+
+
+def test_with_overrides_validates_and_leaves_the_original():
+    from cpq_lib.config import with_overrides
+
+    config = make_config("quick")
+    other = with_overrides(config, {"allocation.method": "uniform", "refine": {"epochs": 1}})
+    assert (other.allocation.method, other.refine.epochs) == ("uniform", 1)
+    assert (config.allocation.method, config.refine.epochs) == ("classpath", 3)
+    with pytest.raises(ConfigError, match="allocation.method.*'greedy'"):
+        with_overrides(config, {"allocation.method": "greedy"})

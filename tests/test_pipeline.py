@@ -10,7 +10,7 @@ from cpq_lib.pipeline import baseline_model, check_card_matches
 def test_baseline_is_trained_once_then_reused(digits, tmp_path):
     config = make_config("quick", {"train.epochs": 2})
     model, card = baseline_model(config, digits, tmp_path, progress=False)
-    assert card["epochs"] == 2 and (tmp_path / "baseline" / "model.pt").is_file()
+    assert card["epochs"] == 2 and (tmp_path / "baseline" / "seed-0" / "model.pt").is_file()
     assert 0.0 <= card["test_accuracy"] <= 1.0 and set(card["per_class_test_accuracy"]) == set(digits.classes)
     again, card_again = baseline_model(config, digits, tmp_path, progress=False)
     assert card_again["history"] == card["history"]
