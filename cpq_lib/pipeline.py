@@ -73,7 +73,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
     device = config.resolved_device()
     kwargs = model_kwargs(config, data)
     torch.manual_seed(config.seed)  # weight initialisation is part of the recorded run
-    model = build_model(config.model.name, **kwargs)
+    model = build_model(config.model.name, **kwargs).to(device)
     result = train_model(model, data, config.train, seed=config.seed, device=device, state_path=out / "state.pt",
                          log_path=out / "log.jsonl", progress=progress)
     card = {
@@ -98,11 +98,12 @@ def baseline_folder(run_dir: str | os.PathLike, seed: int) -> Path:
 def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os.PathLike, *,
                    progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The full-precision model of a profile: the shipped checkpoint, a cached one in ``run_dir``
-    (``baseline/seed-<seed>``), or a newly trained one."""
+    (``baseline/seed-<seed>``), or a newly trained one; on the configuration's device."""
+    device = config.resolved_device()
     if config.model.pretrained:
         model, card = load_pretrained(config.model.name, data.name)
         check_card_matches(card, data, f"shipped {config.model.name}_{data.name}")
-        return model, card
+        return model.to(device), card
     path = baseline_folder(run_dir, config.seed) / "model.pt"
     if path.is_file():
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
@@ -112,7 +113,7 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
                     and card.get("data", {}).get("val_digest") == data.val_digest)
         if same_run:
             check_card_matches(card, data, path)
-            return model, card
+            return model.to(device), card
         for stale in (path, path.parent / "state.pt", path.parent / "log.jsonl"):  # another run's: start over
             stale.unlink(missing_ok=True)
     return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data import SearchData
+from ..devices import check_model_device
 from ..quant import WeightQuantizer, quantized_layers
 from ..train import EvalResult, evaluate
 from ..train.evaluate import memory_format_of
@@ -29,6 +30,7 @@ class SearchEvaluator:
                  device: str | torch.device = "cpu", batch_size: int = 500) -> None:
         if not isinstance(data, SearchData):
             raise AllocationError("a search takes data.for_search() (training and validation splits only)")
+        check_model_device(model, device, "SearchEvaluator")
         self.model = model.eval()
         self.space = ChannelSpace.of(model)
         self.layers = dict(quantized_layers(model))

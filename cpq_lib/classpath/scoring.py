@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import check_model_device
 from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
@@ -256,7 +257,11 @@ def _score_batch(model: nn.Module, modules: list[tuple[str, nn.Module]], images:
 def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_names: Sequence[str] | None = None,
                   settings: ScoreSettings = ScoreSettings(), device: str | torch.device = "cpu",
                   full_precision: Iterable[str] = (), progress: bool = True) -> ClassScores:
-    """Score every (class, channel) of the scored modules over ``batches`` of (images, labels)."""
+    """Score every (class, channel) of the scored modules over ``batches`` of (images, labels).
+
+    The model must already be on ``device`` (functions never move a caller's model).
+    """
+    check_model_device(model, device, "score_classes")
     modules = scored_modules(model, settings.modules)
     names = [n for n, _ in modules]
     totals: dict[str, torch.Tensor] = {}

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..devices import check_model_device
 from .modules import QConv2d, QLinear, QuantizedLayer
 from .quantizers import GRANULARITIES, SCALE_INITS, ActivationQuantizer, WeightQuantizer, check_bits
 
@@ -139,7 +140,11 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 
 @torch.no_grad()
 def calibrate_(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None) -> nn.Module:
-    """Set activation scales (and signs) from calibration data (training data, never test)."""
+    """Set activation scales (and signs) from calibration data (training data, never test).
+
+    The model must already be on ``device`` (functions never move a caller's model).
+    """
+    check_model_device(model, device, "calibrate_")
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and m.enabled]
     if not quantizers:
         return model

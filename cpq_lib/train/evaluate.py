@@ -7,6 +7,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from ..devices import check_model_device
 from ..progress import progress as progress_bar
 
 
@@ -34,7 +35,9 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str | torch.device = "cpu",
              progress: bool = False, desc: str = "eval") -> EvalResult:
-    """Evaluate in eval mode (restoring the previous mode afterwards)."""
+    """Evaluate in eval mode (restoring the previous mode afterwards). The model must already be on
+    ``device`` (see cpq_lib.devices: functions never move a caller's model)."""
+    check_model_device(model, device, "evaluate")
     was_training = model.training
     model.eval()
     fmt = memory_format_of(model)

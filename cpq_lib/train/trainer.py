@@ -20,6 +20,7 @@ from ..progress import progress as progress_bar
 
 from ..config import TrainConfig
 from ..data import DataBundle
+from ..devices import check_model_device
 from ..errors import CheckpointError, TrainingError
 from ..fileio import atomic_torch_save, atomic_write_text
 from .evaluate import evaluate
@@ -94,13 +95,13 @@ def train_model(
     state_key: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps, if the config has
-    one), validating on ``eval_split`` after each epoch.
+    one), validating on ``eval_split`` after each epoch. The model must already be on ``device``.
 
     ``objective(model, images, labels) -> (loss, logits)`` defaults to cross-entropy with the config's
     label smoothing (knowledge distillation: :class:`cpq_lib.train.Distillation`). ``state_key``: more
     values a resumed state must have been made with (e.g. the bit plan of a quantized student).
     """
-    model.to(device)
+    check_model_device(model, device, "train_model")
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     optimizer = make_optimizer(model, cfg)
