@@ -12,7 +12,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python"
   exit 0
 fi
 echo "setting up $venv (first run: a few minutes) ..." >&2
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+# a set-up killed half-way can leave a venv without pip: make a fresh one
+if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -m pip --version >/dev/null 2>&1; }; then
+  "$python" -m venv --clear "$venv"
+fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" -e ".[dev]" 2>&1 \
   | grep -v '^WARNING: Location' >&2 || true
