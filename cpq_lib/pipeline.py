@@ -76,6 +76,9 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
     model = build_model(config.model.name, **kwargs).to(device)
     result = train_model(model, data, config.train, seed=config.seed, device=device, state_path=out / "state.pt",
                          log_path=out / "log.jsonl", progress=progress)
+    # the layout a checkpoint loads into (training leaves channels_last parameters): a fresh and a
+    # cached baseline must compute bit for bit alike, or every later stage depends on the cache
+    model = model.to(memory_format=torch.contiguous_format)
     card = {
         "model": config.model.name, "model_kwargs": kwargs, "data": data.describe(),
         "seed": config.seed, "epochs": result.epochs_completed, "train": dataclasses.asdict(config.train),
@@ -84,7 +87,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
         "command": command or "python -m cpq_lib.train " + shlex.join(sys.argv[1:]),
         "environment": environment_record(), "code_fingerprint": code_fingerprint(*BASELINE_CODE),
     }
-    save_checkpoint(model.cpu(), out / "model.pt", card)
+    save_checkpoint(model, out / "model.pt", card)
     atomic_write_json(card, out / "model.json")
     return model, card
 

@@ -15,6 +15,11 @@ def test_baseline_is_trained_once_then_reused(digits, tmp_path):
     again, card_again = baseline_model(config, digits, tmp_path, progress=False)
     assert card_again["history"] == card["history"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # fresh and cached compute alike, bit for bit: same memory layout (training used channels_last)
+    assert [p.stride() for p in model.parameters()] == [p.stride() for p in again.parameters()]
+    x = digits.val.images[:64].float() / 255
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again.eval()(x))
 
 
 def test_card_must_match_split_and_classes(digits):
