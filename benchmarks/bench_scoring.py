@@ -23,7 +23,7 @@ from common import machine, median, paired_ratio, save, time_alternating  # noqa
 
 from cpq_lib.classpath import score_classes  # noqa: E402
 from cpq_lib.classpath.reference import score_classes_per_image  # noqa: E402
-from cpq_lib.data import TensorBatchLoader, load_dataset  # noqa: E402
+from cpq_lib.data import load_dataset  # noqa: E402
 from cpq_lib.models import available_pretrained, build_model, load_pretrained  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from cpq_lib.allocation.baselines import pareto_knapsack
 from cpq_lib.allocation.class_count import bits_from_borders
 from cpq_lib.classpath import ClassScores
 from cpq_lib.errors import DataError
-from cpq_lib.quant import BitPlan, QuantConfig, calibrate_, quantize_, quantized_layers
+from cpq_lib.quant import QuantConfig, calibrate_, quantize_, quantized_layers
 
 
 @pytest.fixture(scope="module")

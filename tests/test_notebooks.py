@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))

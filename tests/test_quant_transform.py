@@ -195,7 +195,7 @@ class Attention(nn.Module):
 
 
 def test_layers_whose_weights_are_read_directly_stay_float_and_the_rest_is_quantized(tmp_path):
-    from cpq_lib.quant import BitPlan, export_packed, import_packed, model_summary
+    from cpq_lib.quant import export_packed, import_packed, model_summary
 
     torch.manual_seed(0)
     model = Attention().eval()

@@ -11,9 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ..errors import DataError
 from .cache import cache_dir
 from .loaders import Augment, TensorBatchLoader, random_crop_flip
