@@ -61,3 +61,14 @@ def test_a_stopped_run_resumes_without_searching_again(run_dir, monkeypatch):
     # a finished run is only read
     monkeypatch.setattr(experiment, "train_model", lambda *a, **k: pytest.fail("refined again"))
     assert run_experiment(config, run_dir / "run", progress=False)["results"] == again["results"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(__import__("cpq_lib.allocation", fromlist=["ALLOCATORS"]).ALLOCATORS))
+def test_every_allocator_runs_end_to_end_on_cuda(run_dir, method):
+    """Search (bit bookkeeping on the CPU, quantizers on the GPU), refinement and report on a CUDA device."""
+    config = _config(**{"allocation.method": method, "device": "cuda"})
+    results = run_experiment(config, run_dir / method, shared_dir=run_dir / "shared", progress=False)["results"]
+    assert results["average_bits"] <= 2.06 + 1e-9
+    assert results["search"]["accuracy"] == pytest.approx(results["before_refinement"]["val_accuracy"])
+    assert results["after_refinement"]["val_accuracy"] > results["before_refinement"]["val_accuracy"]

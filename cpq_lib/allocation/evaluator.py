@@ -49,7 +49,8 @@ class SearchEvaluator:
         self.evaluations = 0
         self.seconds = 0.0
         self._scales: dict[tuple[str, int], torch.Tensor] = {}
-        self._current = {name: layer.weight_quantizer.bits.clone() for name, layer in self.layers.items()}
+        # bit bookkeeping stays on the CPU (the searches build plans there); quantizer tensors stay on the model's device
+        self._current = {name: layer.weight_quantizer.bits.detach().cpu().clone() for name, layer in self.layers.items()}
         self.set_bits(self.space.flatten(self._current), force=True)
 
     def _scale_table(self, name: str, bits: int) -> torch.Tensor:
@@ -67,13 +68,13 @@ class SearchEvaluator:
         """Give every quantized channel its bit-width (flat vector over :class:`ChannelSpace`)."""
         if bits.shape != (self.space.size,):
             raise AllocationError(f"expected {self.space.size} channel bit-widths, got shape {tuple(bits.shape)}")
-        for name, new in self.space.split(bits.long()).items():
+        for name, new in self.space.split(bits.detach().cpu().long()).items():
             if not force and torch.equal(new, self._current[name]):
                 continue
             q = self.layers[name].weight_quantizer
             scale = torch.empty_like(q.scale)
             for value in new.unique().tolist():
-                rows = new == value
+                rows = (new == value).to(scale.device)
                 scale[rows] = self._scale_table(name, int(value))[rows]
             q.bits.copy_(new.to(q.bits.device))
             q.scale.copy_(scale)
