@@ -182,3 +182,37 @@ def test_allocate_errors(search, digits_baseline):
     block = quantize_(copy.deepcopy(digits_baseline[0]), QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(2, 2)))
     with pytest.raises(AllocationError, match="per-channel symmetric"):
         SearchEvaluator(block, data)
+
+
+def test_markdown_comparison_orders_allocators_and_reports_classpath_minus_best_other():
+    import pandas as pd
+
+    from cpq_lib.allocation.report import markdown_comparison
+
+    def row(target, allocator, seed, test):
+        return {"target": target, "allocator": allocator, "seed": seed, "test_after": test, "test_before": 0.1,
+                "val_after": test, "average_bits": 2.0, "bitops": 1e9, "evaluations": 3, "search_seconds": 1.0}
+    frame = pd.DataFrame([row("W3A3", "uniform", 0, 0.90), row("W3A3", "classpath", 0, 0.91),
+                          row("W2A2", "classpath", 0, 0.80), row("W2A2", "classpath", 1, 0.82),
+                          row("W2A2", "sensitivity", 0, 0.83), row("W2A2", "uniform", 0, 0.70)])
+    text = markdown_comparison(frame)
+    lines = [line for line in text.splitlines() if line.startswith("| W")]
+    # targets in thesis order, allocators by mean test accuracy within a target
+    assert [line.split(" | ")[:2] for line in lines] == [["| W2A2", "sensitivity"], ["| W2A2", "classpath"],
+                                                          ["| W2A2", "uniform"], ["| W3A3", "classpath"],
+                                                          ["| W3A3", "uniform"]]
+    assert "| 2 | 81.00 ± 1.41 |" in lines[1]  # mean ± sample std over the two seeds
+    assert "W2A2: classpath − best other (sensitivity) = -2.00 points" in text
+    assert "W3A3: classpath − best other (uniform) = +1.00 points" in text
+
+
+def test_comparison_command_prints_the_table_of_a_csv(tmp_path, capsys):
+    import pandas as pd
+
+    from cpq_lib.allocation.report import main
+
+    pd.DataFrame([{"target": "W2A2", "allocator": "uniform", "seed": 0, "test_after": 0.5, "test_before": 0.1,
+                   "val_after": 0.5, "average_bits": 2.0, "bitops": 2e9, "evaluations": 1,
+                   "search_seconds": 4.0}]).to_csv(tmp_path / "results.csv", index=False)
+    assert main([str(tmp_path / "results.csv")]) == 0
+    assert "| W2A2 | uniform | 1 | 50.00 | 10.00 | 50.00 | 2.000 | 2.000 | 1 | 4 |" in capsys.readouterr().out

@@ -49,3 +49,49 @@ def comparison_table(frame: pd.DataFrame, value: str = "test_after") -> pd.DataF
                         average_bits=("average_bits", "mean"), bitops=("bitops", "mean"),
                         evaluations=("evaluations", "mean"), search_seconds=("search_seconds", "mean"))
     return table.reset_index()
+
+
+TARGET_ORDER = ("W2A2", "W3A3", "W4A4")
+
+
+def _cell(mean: float, std: float, runs: int) -> str:
+    return f"{100 * mean:.2f}" if runs < 2 or pd.isna(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def markdown_comparison(frame: pd.DataFrame) -> str:
+    """The comparison as a Markdown table (the README's): per target and allocator, test accuracy after
+    refinement (mean ± std over seeds, %), before refinement, validation after, average bits, BitOPs and
+    search cost; then per target ``classpath`` minus the best other allocator by mean test accuracy."""
+    rows = ["| target | allocator | seeds | test after (%) | test before (%) | val after (%) | avg bits | GBitOPs "
+            "| evaluations | search s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    grouped = frame.groupby(["target", "allocator"])
+    stats = grouped.agg(runs=("test_after", "size"), test=("test_after", "mean"), test_std=("test_after", "std"),
+                        before=("test_before", "mean"), before_std=("test_before", "std"),
+                        val=("val_after", "mean"), val_std=("val_after", "std"), bits=("average_bits", "mean"),
+                        bitops=("bitops", "mean"), evaluations=("evaluations", "mean"),
+                        seconds=("search_seconds", "mean")).reset_index()
+    order = {t: i for i, t in enumerate(TARGET_ORDER)}
+    stats = stats.sort_values(["target", "test"], key=lambda c: c.map(order) if c.name == "target" else -c)
+    deltas = []
+    for target, part in stats.groupby("target", sort=False):
+        for r in part.itertuples():
+            rows.append(f"| {target} | {r.allocator} | {r.runs} | {_cell(r.test, r.test_std, r.runs)} "
+                        f"| {_cell(r.before, r.before_std, r.runs)} | {_cell(r.val, r.val_std, r.runs)} | {r.bits:.3f} "
+                        f"| {r.bitops / 1e9:.3f} | {r.evaluations:.0f} | {r.seconds:.0f} |")
+        others = part[part["allocator"] != "classpath"]
+        if "classpath" in set(part["allocator"]) and len(others):
+            best = others.loc[others["test"].idxmax()]
+            mine = float(part.loc[part["allocator"] == "classpath", "test"].iloc[0])
+            deltas.append(f"{target}: classpath − best other ({best['allocator']}) = {100 * (mine - best['test']):+.2f} points")
+    return "\n".join(rows) + ("\n\n" + "; ".join(deltas) + "." if deltas else "") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cpq_lib.allocation results.csv``: print the Markdown comparison of a sweep's CSV."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cpq_lib.allocation", description=main.__doc__)
+    parser.add_argument("csv", help="a sweep's results.csv")
+    args = parser.parse_args(argv)
+    print(markdown_comparison(pd.read_csv(args.csv)), end="")
+    return 0

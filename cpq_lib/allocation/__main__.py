@@ -1,0 +1,5 @@
+"""``python -m cpq_lib.allocation results.csv``: the Markdown comparison table of a sweep."""
+
+from .report import main
+
+raise SystemExit(main())
