@@ -10,6 +10,7 @@ same function with no permutation to undo.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -42,9 +43,14 @@ def check_bits(bits: torch.Tensor | int, where: str = "bits") -> torch.Tensor:
 
 
 def contiguous_groups(length: int, groups: int) -> torch.Tensor:
-    """Assign ``length`` rows to ``groups`` contiguous, nearly equal groups."""
-    if not 1 <= groups <= length:
-        raise ValueError(f"number of groups must be in 1..{length}, got {groups}")
+    """Assign ``length`` rows to ``groups`` contiguous, nearly equal groups.
+
+    Remainder rule: when ``groups`` does not divide ``length``, group ``g`` holds rows
+    ``[floor(g * length / groups), floor((g + 1) * length / groups))``, so sizes differ by at most one
+    (10 rows in 4 groups: 3, 2, 3, 2). More groups than rows is an error.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or not 1 <= groups <= length:
+        raise ValueError(f"number of groups must be an integer in 1..{length} (the rows or flattened input columns), got {groups!r}")
     return (torch.arange(length) * groups) // length
 
 

@@ -125,8 +125,11 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     for name, module in quantizable_layers(model):
         if name in keep or isinstance(module, QuantizedLayer):
             continue
-        weight_quantizer = WeightQuantizer(module.weight.shape, config.weight_bits, config.granularity, config.blocks,
-                                           config.symmetric, config.learnable_scales, config.weight_init)
+        try:
+            weight_quantizer = WeightQuantizer(module.weight.shape, config.weight_bits, config.granularity, config.blocks,
+                                               config.symmetric, config.learnable_scales, config.weight_init)
+        except ValueError as exc:  # name the layer: one block shape rarely fits every layer of a network
+            raise ValueError(f"layer {name!r} (weight {tuple(module.weight.shape)}): {exc}") from exc
         weight_quantizer.to(module.weight.device)
         weight_quantizer.initialize(module.weight)
         input_quantizer = None
