@@ -1,0 +1,165 @@
+"""PTQ-SL's granularity study: accuracy vs number of scales, with and without reordering and scale search.
+
+Every configuration starts from the same float model: quantize a copy at one granularity, optionally
+regroup channels by range (:mod:`.reorder`), calibrate activation scales on training images,
+optionally search the scales (:mod:`.search`), then measure. The number of weight scales of the whole
+model is the granularity axis; :func:`granularity_correlation` gives Spearman's rank correlation of
+accuracy with it, and :func:`reordering_verdict` answers the paper's claim (does reordered
+sub-layerwise quantization beat channel-wise at an equal or smaller number of scales?).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from dataclasses import asdict
+from typing import Iterable, Sequence
+
+import pandas as pd
+from scipy.stats import spearmanr
+from torch import nn
+
+from ..fileio import atomic_write_text
+from ..progress import progress as progress_bar
+from ..quant.transform import QuantConfig, calibrate_, quantize_, quantized_layers
+from ..train import evaluate
+from .reorder import REORDER_METHODS, reorder_channels_
+from .search import ScaleSearchConfig, search_scales_
+
+# label -> (granularity, blocks): layer-wise, sub-layerwise n_V x n_H, channel-wise and beyond it
+DEFAULT_GRANULARITIES: dict[str, tuple[str, tuple[int, int] | None]] = {
+    "layer": ("tensor", None), "2x1": ("block", (2, 1)), "2x2": ("block", (2, 2)), "4x1": ("block", (4, 1)),
+    "8x1": ("block", (8, 1)), "4x4": ("block", (4, 4)), "8x2": ("block", (8, 2)), "16x1": ("block", (16, 1)),
+    "16x2": ("block", (16, 2)), "channel": ("channel", None), "16x4": ("block", (16, 4)),
+}
+SPLITS = ("train", "val", "test")
+
+
+def parse_target(target: str) -> tuple[int, int | None]:
+    """'W4A8' -> (4, 8); 'W4' or 'W4Afp' -> (4, None)."""
+    text = target.strip().upper()
+    if not text.startswith("W"):
+        raise ValueError(f"target {target!r}: expected W<bits>A<bits> (e.g. W4A8) or W<bits> for float activations")
+    weight, _, act = text[1:].partition("A")
+    try:
+        return int(weight), (None if act in ("", "FP") else int(act))
+    except ValueError:
+        raise ValueError(f"target {target!r}: expected W<bits>A<bits> (e.g. W4A8) or W<bits> for float activations") from None
+
+
+def _variants(granularity: str, reorders: Sequence[str], searches: Sequence[bool]) -> list[tuple[str, bool]]:
+    """Reordering only changes block layouts: layer-wise and channel-wise get 'none' alone."""
+    usable = [r for r in reorders if granularity == "block" or r == "none"] or ["none"]
+    return [(r, s) for r in dict.fromkeys(usable) for s in searches]
+
+
+def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Iterable,
+                granularities: dict[str, tuple[str, tuple[int, int] | None]] | None = None,
+                reorders: Sequence[str] = ("none", "sort"), searches: Sequence[bool] = (False, True),
+                search: ScaleSearchConfig | None = None, splits: Sequence[str] = ("val",), device: str = "cpu",
+                exclude: Sequence[str] | None = None, out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per (target, granularity, reordering, search): scales, accuracy per split, search cost.
+
+    ``calibration`` (training images with labels) calibrates and drives the search; ``splits`` are
+    where accuracy is measured (the test split belongs in a final report only). With ``out``, the
+    CSV is rewritten (atomically) after every configuration and rows already in it are not run again,
+    so a killed study resumes where it stopped.
+    """
+    granularities = granularities or DEFAULT_GRANULARITIES
+    search = search or ScaleSearchConfig()
+    bad = [r for r in reorders if r != "none" and r not in REORDER_METHODS]
+    if bad:
+        raise ValueError(f"reorders: {bad} not allowed; choose from {['none', *REORDER_METHODS]}")
+    bad_splits = [s for s in splits if s not in SPLITS]
+    if bad_splits or not splits:
+        raise ValueError(f"splits: {list(splits)} not allowed; choose one or more of {list(SPLITS)}")
+    parsed = {t: parse_target(t) for t in targets}
+    calibration = list(calibration)
+    jobs = [(t, label, reorder, searched) for t in targets for label, (granularity, _) in granularities.items()
+            for reorder, searched in _variants(granularity, reorders, searches)]
+    all_jobs = list(jobs)
+    done = _finished_rows(out, splits)
+    rows = [row for row in done.values()]
+    jobs = [job for job in jobs if _key(*job) not in done]
+    for target, label, reorder, searched in progress_bar(jobs, progress, desc="PTQ-SL study"):
+        weight_bits, act_bits = parsed[target]
+        granularity, blocks = granularities[label]
+        config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, granularity=granularity, blocks=blocks,
+                             **({} if exclude is None else {"exclude": tuple(exclude)}))
+        quantized = quantize_(copy.deepcopy(model), config).eval()
+        if reorder != "none":
+            reorder_channels_(quantized, reorder, seed=search.seed)
+        calibrate_(quantized, calibration, device)
+        started = time.perf_counter()
+        table = search_scales_(quantized, model, calibration, search, device, progress=False) if searched else None
+        seconds = time.perf_counter() - started if searched else 0.0
+        row = {"target": target, "weight_bits": weight_bits, "act_bits": act_bits, "granularity": label,
+               "reorder": reorder, "search": bool(searched),
+               "scales": sum(layer.weight_quantizer.scale.numel() for _, layer in quantized_layers(quantized)),
+               "search_seconds": round(seconds, 2),
+               "metric_start": float(table["metric_start"].sum()) if table is not None else float("nan"),
+               "metric_end": float(table["metric_end"].sum()) if table is not None else float("nan")}
+        for split in splits:
+            row[f"{split}_accuracy"] = evaluate(quantized, data.eval_loader(split), data.num_classes, device).accuracy
+        rows.append(row)
+        if out is not None:
+            atomic_write_text(pd.DataFrame(rows).to_csv(index=False), out)
+    order = {_key(*job): i for i, job in enumerate(all_jobs)}
+    rows.sort(key=lambda r: order.get(_key(r["target"], r["granularity"], r["reorder"], bool(r["search"])), len(order)))
+    result = pd.DataFrame(rows)
+    result.attrs["search"] = asdict(search)
+    return result
+
+
+def _key(target: str, granularity: str, reorder: str, searched: bool) -> tuple:
+    return (target, granularity, reorder, bool(searched))
+
+
+def _finished_rows(out: str | Path | None, splits: Sequence[str]) -> dict[tuple, dict]:
+    """Rows of an earlier, interrupted run of the same study (those measured on every wanted split)."""
+    if out is None or not Path(out).exists():
+        return {}
+    table = pd.read_csv(out)
+    missing = [f"{s}_accuracy" for s in splits if f"{s}_accuracy" not in table.columns]
+    if missing:
+        raise ValueError(f"{out}: an earlier study without the columns {missing}; choose another --out or remove it")
+    table["search"] = table["search"].astype(bool)
+    table["act_bits"] = table["act_bits"].astype(object).where(table["act_bits"].notna(), None)
+    return {_key(r["target"], r["granularity"], r["reorder"], r["search"]): r for r in table.to_dict("records")}
+
+
+def granularity_correlation(results: pd.DataFrame, accuracy: str = "val_accuracy") -> pd.DataFrame:
+    """Spearman's rho (and p) of accuracy vs number of scales per (target, reorder, search), and per target overall."""
+    rows = []
+    for keys, group in [*results.groupby(["target", "reorder", "search"]), *results.groupby(["target"])]:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        if len(keys) == 1:
+            keys = (keys[0], "all", "all")
+        if group["scales"].nunique() < 3:
+            continue
+        rho, p = spearmanr(group["scales"], group[accuracy])
+        rows.append({"target": keys[0], "reorder": keys[1], "search": keys[2], "points": len(group),
+                     "spearman_rho": float(rho), "p_value": float(p)})
+    return pd.DataFrame(rows)
+
+
+def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", reorder: str = "sort") -> pd.DataFrame:
+    """Per (target, search): channel-wise accuracy vs the best reordered sub-layerwise one with no more scales."""
+    rows = []
+    for (target, searched), group in results.groupby(["target", "search"]):
+        channel = group[group["granularity"] == "channel"]
+        blocks = group[(group["reorder"] == reorder)]
+        if channel.empty or blocks.empty:
+            continue
+        channel_row = channel.iloc[0]
+        eligible = blocks[blocks["scales"] <= channel_row["scales"]]
+        if eligible.empty:
+            continue
+        best = eligible.loc[eligible[accuracy].idxmax()]
+        rows.append({"target": target, "search": bool(searched), "channel_scales": int(channel_row["scales"]),
+                     "channel_accuracy": float(channel_row[accuracy]), "best_reordered": best["granularity"],
+                     "reordered_scales": int(best["scales"]), "reordered_accuracy": float(best[accuracy]),
+                     "difference": float(best[accuracy] - channel_row[accuracy]),
+                     "beats_channel": bool(best[accuracy] > channel_row[accuracy])})
+    return pd.DataFrame(rows)
