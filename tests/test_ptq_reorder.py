@@ -123,3 +123,26 @@ def test_bad_reordering_inputs_get_clear_errors():
     model = quantize_(build_model("digits_cnn", 10), QuantConfig(granularity="block", blocks=(2, 2)))
     with pytest.raises(ValueError, match="no quantized layer"):
         reorder_channels_(model, layers=["stem.0"])
+
+
+def test_reordered_searched_model_exports_and_keeps_its_bit_plan(tmp_path, digits_baseline, digits):
+    from cpq_lib.ptq import ScaleSearchConfig, search_scales_
+    from cpq_lib.quant import BitPlan, calibrate_, export_packed, import_packed
+
+    model, _ = digits_baseline
+    config = QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(4, 2))
+    quantized = quantize_(copy.deepcopy(model), config).eval()
+    plan = BitPlan.from_model(quantized)
+    reorder_channels_(quantized, "kmeans")
+    calibration = list(digits.calibration_loader(64, seed=0))
+    calibrate_(quantized, calibration)
+    search_scales_(quantized, model, calibration, ScaleSearchConfig(steps=10, rounds=1, positions=256), progress=False)
+    assert BitPlan.from_model(quantized).to_dict() == plan.to_dict()
+    export_packed(quantized, tmp_path / "model.cpq")
+    fresh = quantize_(copy.deepcopy(model), config).eval()
+    import_packed(fresh, tmp_path / "model.cpq")
+    x = next(iter(digits.eval_loader("val", batch_size=32)))[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+    layer = dict(fresh.named_modules())["features.0.0"].weight_quantizer
+    assert not torch.equal(layer.row_groups, torch.arange(32) * 4 // 32)  # the reordered groups came back
