@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpq_lib.ptq import ScaleSearchConfig, granularity_correlation, ptqsl_study, reordering_verdict, search_scales_
+from cpq_lib.ptq import ScaleSearchConfig, granularity_correlation, markdown_report, ptqsl_study, reordering_verdict, search_scales_
 from cpq_lib.ptq import study as study_module
 from cpq_lib.ptq.__main__ import main as ptq_main
 from cpq_lib.quant import QuantConfig, calibrate_, quantize_, quantized_layers
@@ -158,6 +158,9 @@ def test_correlation_and_verdict_on_a_known_table():
     assert rho[("W4A8", "all")] == pytest.approx(16 / (17 * 17.5) ** 0.5, abs=1e-9) and rho[("W4A8", "sort")] == pytest.approx(1.0)
     verdict = reordering_verdict(table).iloc[0]
     assert verdict["best_reordered"] == "8x1" and verdict["beats_channel"] and verdict["difference"] == pytest.approx(0.05)
+    report = markdown_report(table)
+    assert "| W4A8 | sort |  | 70.00 | 85.00 |  | 90.00 |" in report and "W4A8 +0.93" in report
+    assert "| W4A8 | no | 80.00 (100) | 8x1: 85.00 (16) | +5.00 |" in report
 
 
 def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys):
@@ -170,5 +173,7 @@ def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys
     table = pd.read_csv(out)
     assert len(table) == 4 and set(table["reorder"]) == {"none", "sort"}
     assert out.with_suffix(".json").is_file() and "spearman_rho" not in capsys.readouterr().err
+    assert ptq_main(["--report", str(out)]) == 0 and "| W4A4 | sort + search |" in capsys.readouterr().out
+    assert ptq_main(["--report", str(tmp_path / "missing.csv")]) == 2 and ptq_main(["--profile", "quick"]) == 2
     assert ptq_main(["--out", str(tmp_path), "--profile", "quick"]) == 2
     assert ptq_main(["--out", str(out), "--rounds", "0"]) == 2

@@ -6,6 +6,8 @@ Example (the committed CIFAR-10 table)::
         --targets W4A8 W4A4 W3A8 W3A4 --splits val test --out results/cifar10/ptqsl.csv
 
 Next to the CSV, ``<out>.json`` records the configuration, the search settings and the environment.
+``--report CSV`` prints the Markdown report (accuracy table, Spearman's rho, reordering verdict) of a
+finished study without running anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from ..config import PROFILES, make_config
 from ..fileio import atomic_write_json
 from ..pipeline import baseline_model, load_data
@@ -22,14 +26,15 @@ from ..provenance import run_record
 from ..runtime import configure_runtime
 from .reorder import REORDER_METHODS
 from .search import METRICS, ScaleSearchConfig
-from .study import DEFAULT_GRANULARITIES, SPLITS, granularity_correlation, ptqsl_study, reordering_verdict
+from .study import DEFAULT_GRANULARITIES, SPLITS, markdown_report, ptqsl_study
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cpq_lib.ptq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument("--data-root", default=None, help="zip, image-folder root or torchvision root")
-    parser.add_argument("--out", required=True, help="results CSV (resumed if it exists)")
+    parser.add_argument("--out", help="results CSV (resumed if it exists)")
+    parser.add_argument("--report", metavar="CSV", help="print the Markdown report of a results CSV and exit")
     parser.add_argument("--targets", nargs="+", default=["W4A8", "W4A4", "W3A8", "W3A4"])
     parser.add_argument("--granularities", nargs="+", default=list(DEFAULT_GRANULARITIES), choices=list(DEFAULT_GRANULARITIES))
     parser.add_argument("--reorders", nargs="+", default=["none", "sort"], choices=["none", *REORDER_METHODS])
@@ -48,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report:
+        if not Path(args.report).is_file():
+            print(f"error: --report {args.report}: no such file", file=sys.stderr)
+            return 2
+        table = pd.read_csv(args.report)
+        print(markdown_report(table, next(f"{s}_accuracy" for s in (*args.splits, *SPLITS) if f"{s}_accuracy" in table)))
+        return 0
+    if not args.out:
+        print("error: --out CSV is required (or --report CSV)", file=sys.stderr)
+        return 2
     overrides = {"seed": args.seed, "device": args.device}
     if args.data_root:
         overrides["data.root"] = args.data_root
@@ -81,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(json.loads(json.dumps(run_record(config, settings), default=str)), out.with_suffix(".json"))
     results = ptqsl_study(model, data, args.targets, calibration, settings["granularities"], args.reorders, (False, True),
                           search, args.splits, config.resolved_device(), out=out, progress=True)
-    accuracy = f"{args.splits[0]}_accuracy"
-    print(results.to_string(index=False))
-    print(granularity_correlation(results, accuracy).to_string(index=False))
-    print(reordering_verdict(results, accuracy).to_string(index=False))
+    print(markdown_report(results, f"{args.splits[0]}_accuracy"))
     return 0
 
 

@@ -86,15 +86,6 @@ class _StopForward(Exception):
     """Raised by a hook once the layer of interest has seen its input (the rest of the forward is not needed)."""
 
 
-@dataclass
-class LayerSample:
-    """One layer's sampled input columns (g, cols per group, P), float output (out, P) and gradient (out, P)."""
-
-    columns: torch.Tensor
-    target: torch.Tensor
-    gradient: torch.Tensor | None
-
-
 def _positions_per_batch(total_positions: int, batches: int) -> int:
     return max(1, math.ceil(total_positions / batches))
 

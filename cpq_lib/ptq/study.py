@@ -163,3 +163,37 @@ def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", re
                      "difference": float(best[accuracy] - channel_row[accuracy]),
                      "beats_channel": bool(best[accuracy] > channel_row[accuracy])})
     return pd.DataFrame(rows)
+
+
+def accuracy_table(results: pd.DataFrame, accuracy: str = "val_accuracy") -> pd.DataFrame:
+    """Accuracy (%) with targets x variants as rows and granularities (by number of scales) as columns."""
+    variant = results["reorder"].where(results["reorder"] != "none", "plain") + results["search"].map({True: " + search", False: ""})
+    view = results.assign(variant=variant, percent=100 * results[accuracy])
+    scales = results.drop_duplicates("granularity").set_index("granularity")["scales"].sort_values(kind="stable")
+    table = view.pivot_table(index=["target", "variant"], columns="granularity", values="percent")
+    table = table.reindex(columns=list(scales.index)).reindex(list(dict.fromkeys(results["target"])), level=0)
+    table.columns = [f"{g} ({scales[g]})" for g in table.columns]
+    return table
+
+
+def markdown_report(results: pd.DataFrame, accuracy: str = "val_accuracy") -> str:
+    """The accuracy table, Spearman's rho per target and the reordering verdict, as Markdown."""
+    table = accuracy_table(results, accuracy)
+    header = "| target | variant | " + " | ".join(table.columns) + " |"
+    lines = [header, "|" + "---|" * (len(table.columns) + 2)]
+    for (target, variant), row in table.iterrows():
+        cells = ["" if pd.isna(v) else f"{v:.2f}" for v in row]
+        lines.append(f"| {target} | {variant} | " + " | ".join(cells) + " |")
+    lines.append("")
+    correlation = granularity_correlation(results, accuracy)
+    overall = correlation[correlation["reorder"] == "all"]
+    lines.append("Spearman's rho of accuracy vs number of scales (all configurations of a target): " + ", ".join(
+        f"{r.target} {r.spearman_rho:+.2f} (p {r.p_value:.3f})" for r in overall.itertuples()) + ".")
+    verdict = reordering_verdict(results, accuracy)
+    lines.append("")
+    lines.append("| target | search | channel-wise (scales) | best reordered with no more scales | difference (points) |")
+    lines.append("|---|---|---|---|---|")
+    for r in verdict.itertuples():
+        lines.append(f"| {r.target} | {'yes' if r.search else 'no'} | {100 * r.channel_accuracy:.2f} ({r.channel_scales}) | "
+                     f"{r.best_reordered}: {100 * r.reordered_accuracy:.2f} ({r.reordered_scales}) | {100 * r.difference:+.2f} |")
+    return "\n".join(lines)
