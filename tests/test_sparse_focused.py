@@ -17,12 +17,12 @@ def _bimodal(n: int = 4000, seed: int = 0, sparsity: float = 0.0) -> torch.Tenso
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     w = sign * (0.5 + 0.06 * torch.randn(n, generator=g))
     w[torch.rand(n, generator=g) < sparsity] = 0.0
-    return w.view(40, -1, 1, 1).double()
+    return w.view(-1, 100 if n % 100 == 0 else 1, 1, 1).double()
 
 
 def _unimodal(n: int = 4000, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (0.1 * torch.randn(n, generator=g)).view(40, -1, 1, 1).double()
+    return (0.1 * torch.randn(n, generator=g)).view(-1, 100 if n % 100 == 0 else 1, 1, 1).double()
 
 
 def test_switch_rule_focuses_separated_modes_only():
@@ -101,3 +101,24 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         FocusedWeightQuantizer(_bimodal(), bits=4, fraction=1.5)
     assert math.isfinite(fit_mixture(_bimodal()).separation)
+
+
+@pytest.mark.parametrize("make,stride,padding", [(_bimodal, 1, 1), (_unimodal, 2, 0)])
+def test_shift_and_add_convolution_equals_the_fake_quantized_one(make, stride, padding):
+    import torch.nn.functional as F
+
+    from cpq_lib.sparse.shift import integer_sums, shift_add_conv2d
+
+    weight = make(n=8 * 4 * 9).view(8, 4, 3, 3)
+    weight.view(-1)[::5] = 0.0
+    layout, _, component = plan_layer(weight, bits=4)
+    codes, levels = quantize_levels(weight, layout, component)
+    alpha, step = 0.75, 0.05
+    x_int = torch.randint(0, 16, (2, 4, 7, 7), generator=torch.Generator().manual_seed(3))  # 4-bit unsigned activations
+    reference = F.conv2d(x_int.double() * step, alpha * levels.double(), stride=stride, padding=padding)
+    shifted = shift_add_conv2d(x_int, step, codes, layout, alpha, stride=stride, padding=padding)
+    torch.testing.assert_close(shifted, reference, rtol=1e-12, atol=1e-12)
+    a, b = integer_sums(x_int, codes, layout, stride, padding)
+    assert a.dtype == torch.long and b.dtype == torch.long and a.shape[0] == len(layout.centres)
+    with pytest.raises(ValueError, match="integer tensor"):
+        integer_sums(x_int.float(), codes, layout)
