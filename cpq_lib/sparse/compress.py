@@ -26,6 +26,7 @@ from ..quant.metrics import is_bookkeeping
 from .coding import CODERS, CodedStream, decode, empirical_entropy_bits, encode, positions_from_gaps, relative_indices
 
 SHAPE_BITS = 32
+WEIGHT_KEYS = ("weight", "weight_orig", "parametrizations.weight.original")
 FLOAT_BITS = 32
 
 
@@ -69,12 +70,12 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
     if unknown:
         raise ValueError(f"coders {unknown} not allowed; choose from {list(CODERS)}")
     state = model.state_dict()
-    missing = [name for name in layer_codes if f"{name}.weight" not in state and f"{name}.weight_orig" not in state]
+    missing = [name for name in layer_codes if not any(f"{name}.{s}" in state for s in WEIGHT_KEYS)]
     if missing:
         raise ValueError(f"no layer(s) {missing[:3]} with a weight in the model")
-    coded_keys = {f"{name}.{suffix}" for name in layer_codes for suffix in ("weight", "weight_orig", "weight_mask")}
+    coded = tuple(f"{name}.{s}" for name in layer_codes for s in ("weight", "weight_orig", "weight_mask", "parametrizations."))
     rest = FLOAT_BITS * sum(t.numel() for k, t in state.items()
-                            if k not in coded_keys and not is_bookkeeping(k) and t.is_floating_point())
+                            if not k.startswith(coded) and _stored_at_fp32(k, t))
     reference = float_bits(model)
     rows = []
     for coder in coders:
@@ -96,12 +97,14 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
 def float_bits(model: nn.Module) -> int:
     """The model at fp32: every parameter and stored buffer at 32 bits (a pruned weight once, masks and
     bookkeeping buffers not at all)."""
-    total = 0
-    for key, tensor in model.state_dict().items():
-        if is_bookkeeping(key) or not tensor.is_floating_point() or key.endswith(".weight_mask"):
-            continue
-        total += FLOAT_BITS * tensor.numel()
-    return total
+    return FLOAT_BITS * sum(t.numel() for k, t in model.state_dict().items() if _stored_at_fp32(k, t))
+
+
+def _stored_at_fp32(key: str, tensor: torch.Tensor) -> bool:
+    """Tensors a plain fp32 model stores: not masks, bookkeeping, or a parametrization's own state."""
+    if is_bookkeeping(key) or not tensor.is_floating_point() or key.endswith(".weight_mask"):
+        return False
+    return ".parametrizations." not in key or key.endswith(".original")
 
 
 def _stream_entropy(codes: torch.Tensor, max_gap: int) -> float:

@@ -145,8 +145,8 @@ def _assign(w: torch.Tensor, centres, spreads, weights) -> torch.Tensor:
 
 
 def _recentred(w: torch.Tensor, component: torch.Tensor, centres, spreads) -> torch.Tensor:
-    centre = torch.tensor(centres, dtype=w.dtype)[component]
-    spread = torch.tensor(spreads, dtype=w.dtype)[component]
+    centre = torch.tensor(centres, dtype=w.dtype, device=w.device)[component]
+    spread = torch.tensor(spreads, dtype=w.dtype, device=w.device)[component]
     return (w - centre) / spread
 
 
@@ -169,8 +169,8 @@ def decode_levels(codes: torch.Tensor, layout: FocusedLayout) -> torch.Tensor:
     component = safe // (2 * n)
     sign = torch.where((safe // n) % 2 == 1, -1.0, 1.0).double()
     exponent = (safe % n + layout.e_min).double()
-    centre = torch.tensor(layout.centres, dtype=torch.float64)[component]
-    spread = torch.tensor(layout.spreads, dtype=torch.float64)[component]
+    centre = torch.tensor(layout.centres, dtype=torch.float64, device=codes.device)[component]
+    spread = torch.tensor(layout.spreads, dtype=torch.float64, device=codes.device)[component]
     values = spread * sign * torch.exp2(exponent) + centre
     return torch.where(codes >= 0, values, torch.zeros_like(values))
 
@@ -186,11 +186,21 @@ class FocusedWeightQuantizer(nn.Module):
                  fraction: float = 1.0) -> None:
         super().__init__()
         self.bits = check_bits(bits)
-        self.layout, self.mixture, component = plan_layer(weight, bits, separation_threshold, seed)
+        layout, self.mixture, component = plan_layer(weight, bits, separation_threshold, seed)
+        # the layout lives in buffers, so a state dict restores it (checkpoints, resume)
+        self.register_buffer("centres", torch.tensor(layout.centres, dtype=torch.float64))
+        self.register_buffer("spreads", torch.tensor(layout.spreads, dtype=torch.float64))
+        self.register_buffer("exponent_range", torch.tensor([layout.e_min, layout.e_max]))
+        self.register_buffer("focused", torch.tensor(layout.focused))
         self.register_buffer("component", component)
         self.alpha = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device))
         self.register_buffer("held", torch.zeros_like(weight, dtype=torch.bool))
         self.set_fraction(weight, fraction)
+
+    @property
+    def layout(self) -> FocusedLayout:
+        e_min, e_max = (int(v) for v in self.exponent_range)
+        return FocusedLayout(bool(self.focused), tuple(self.centres.tolist()), tuple(self.spreads.tolist()), e_min, e_max)
 
     @torch.no_grad()
     def set_fraction(self, weight: torch.Tensor, fraction: float) -> None:
@@ -204,10 +214,14 @@ class FocusedWeightQuantizer(nn.Module):
         self.held.copy_(held.view_as(weight))
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        return quantize_levels(weight, self.layout, self.component.cpu())[0]
+        return quantize_levels(weight, self.layout, self.component)[0]
+
+    @property
+    def header_bits(self) -> int:
+        """What a decoder needs besides the codes: centre and spread per component, e_min, e_max, alpha, mode."""
+        return 32 * 2 * len(self.layout.centres) + 8 + 8 + 32 + 1
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        _, levels = quantize_levels(weight.cpu(), self.layout, self.component.cpu())
-        levels = levels.to(weight.device)
+        _, levels = quantize_levels(weight, self.layout, self.component)
         quantized = weight + (levels - weight).detach()  # straight-through to the latent weight
         return torch.where(self.held, self.alpha * quantized, weight)

@@ -1,0 +1,81 @@
+"""Put focused quantizers on a pruned model's layers (``torch.nn.utils.parametrize``) and take codes back out.
+
+``focus_quantize_(model, bits)`` folds any pruning masks into the weights, then registers on each chosen
+Conv2d / Linear a parametrization ``weight -> quantizer(weight * keep)``: pruned weights stay exactly
+zero however the latent weights move during fine-tuning, and the quantizer holds a growing share of the
+rest at their power-of-two levels (:func:`set_fraction_`, incremental quantization). The latent weight
+(``parametrizations.weight.original``), the mask and the quantizer's layout are all in the state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quant.transform import excluded_names
+from .focused import DEFAULT_SEPARATION, FocusedWeightQuantizer
+from .pruning import make_permanent_
+
+
+class FocusedWeight(nn.Module):
+    """Parametrization: the focused-quantized weight, zero where pruned."""
+
+    def __init__(self, quantizer: FocusedWeightQuantizer, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.register_buffer("keep", keep)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(weight * self.keep)
+
+
+def focused_layers(model: nn.Module) -> list[tuple[str, nn.Module, FocusedWeight]]:
+    return [(name, module, module.parametrizations.weight[0]) for name, module in model.named_modules()
+            if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], FocusedWeight)]
+
+
+def focus_quantize_(model: nn.Module, bits: int, separation_threshold: float = DEFAULT_SEPARATION, fraction: float = 1.0,
+                    exclude: Sequence[str] = ("@first", "@last"), seed: int = 0) -> pd.DataFrame:
+    """Focused-quantize every Conv2d / Linear not excluded; returns a table per layer (mode, separation, levels)."""
+    make_permanent_(model)
+    keep_float = excluded_names(model, exclude)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in keep_float]
+    if not chosen:
+        raise ValueError("no Conv2d / Linear layer to quantize (check exclude)")
+    quantizers = {}
+    for name, module in chosen:  # plan every layer before changing any: a failure leaves the model as it was
+        weight = module.weight.detach()
+        try:
+            quantizers[name] = FocusedWeightQuantizer(weight, bits, separation_threshold, seed, fraction)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from exc
+    rows = []
+    for name, module in chosen:
+        quantizer = quantizers[name]
+        parametrize.register_parametrization(module, "weight", FocusedWeight(quantizer, (module.weight.detach() != 0).to(module.weight.dtype)))
+        layout, mixture = quantizer.layout, quantizer.mixture
+        rows.append({"layer": name, "focused": layout.focused, "separation": None if mixture is None else mixture.separation,
+                     "centres": layout.centres, "spreads": layout.spreads, "e_min": layout.e_min, "e_max": layout.e_max,
+                     "nonzero": int((module.parametrizations.weight.original != 0).sum())})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def set_fraction_(model: nn.Module, fraction: float) -> None:
+    """Hold ``fraction`` of every focused layer's non-zero weights at their levels (largest magnitudes first)."""
+    for _, module, param in focused_layers(model):
+        param.quantizer.set_fraction(module.parametrizations.weight.original * param.keep, fraction)
+
+
+@torch.no_grad()
+def focused_codes(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per focused layer: integer codes (-1 where pruned) and header bits, for :func:`compress.compression_table`."""
+    out = {}
+    for name, module, param in focused_layers(model):
+        out[name] = (param.quantizer.codes(module.parametrizations.weight.original * param.keep).cpu(), param.quantizer.header_bits)
+    return out

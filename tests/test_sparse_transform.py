@@ -1,0 +1,71 @@
+"""Focused quantization on a model: pruned weights stay zero through training, state dicts, codes out."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cpq_lib.models import build_model
+from cpq_lib.sparse import magnitude_prune_, quantize_levels
+from cpq_lib.sparse.compress import compression_table, float_bits
+from cpq_lib.sparse.transform import focus_quantize_, focused_codes, focused_layers, set_fraction_
+
+
+def _pruned(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("digits_cnn", 10).eval()
+    magnitude_prune_(model, 0.7, exclude=("stem*", "classifier"))
+    return model
+
+
+def test_focused_model_computes_with_levels_and_keeps_zeros_while_training():
+    model = _pruned()
+    table = focus_quantize_(model, bits=5)
+    assert table["layer"].tolist() == ["features.0.0", "features.2.0"]
+    name, module, param = focused_layers(model)[0]
+    latent = module.parametrizations.weight.original.detach()
+    _, levels = quantize_levels(latent * param.keep, param.quantizer.layout, param.quantizer.component)
+    assert torch.allclose(module.weight, levels.float())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x = torch.rand(8, 1, 8, 8)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+    assert bool((module.weight[param.keep == 0] == 0).all())
+    assert module.parametrizations.weight.original.grad is not None  # straight-through gradients reach the latent weight
+
+
+def test_state_dict_round_trip_and_fraction():
+    model = _pruned()
+    focus_quantize_(model, bits=4, fraction=0.25)
+    set_fraction_(model, 0.5)
+    held = focused_layers(model)[1][2].quantizer.held
+    assert int(held.sum()) == round(0.5 * int((focused_layers(model)[1][2].keep != 0).sum()))
+    fresh = _pruned()
+    focus_quantize_(fresh, bits=4, fraction=0.0)
+    with torch.no_grad():
+        for _, module, _ in focused_layers(model):
+            module.parametrizations.weight.original.mul_(1.01)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_codes_feed_the_compression_table_and_bad_inputs():
+    model = _pruned()
+    focus_quantize_(model, bits=5)
+    codes = focused_codes(model)
+    table = compression_table(model, codes, coders=("ans",))
+    assert table.iloc[-1]["ratio"] > 1
+    assert float_bits(model) == float_bits(_pruned()) == float_bits(build_model("digits_cnn", 10))  # fp32 reference unchanged
+    with pytest.raises(ValueError, match="layer 'features.0.0'.*bits must be an integer >= 2"):
+        focus_quantize_(_pruned(), bits=1)
+    untouched = _pruned()
+    before = copy.deepcopy(untouched.state_dict())
+    with pytest.raises(ValueError):
+        focus_quantize_(untouched, bits=1)
+    assert not focused_layers(untouched) and set(untouched.state_dict()) != set(before)  # masks folded, nothing registered
