@@ -51,3 +51,24 @@ def quantize_with_codebook(weight: torch.Tensor, codebook: Codebook) -> tuple[to
 def decode_codebook(codes: torch.Tensor, codebook: Codebook) -> torch.Tensor:
     centroids = torch.from_numpy(codebook.centroids).to(codes.device)
     return torch.where(codes >= 0, centroids[codes.clamp_min(0)], torch.zeros((), dtype=centroids.dtype, device=codes.device))
+
+
+class SharedWeight(torch.nn.Module):
+    """Parametrization for Deep Compression's fine-tuning: ``weight = centroids[codes]`` (zero where pruned).
+
+    The centroids are the trainable parameters: each one's gradient is the sum of its weights'
+    gradients, which is the paper's centroid update. The latent weight is unused after sharing.
+    """
+
+    def __init__(self, codes: torch.Tensor, codebook: Codebook) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.centroids = torch.nn.Parameter(torch.from_numpy(codebook.centroids.copy()).to(codes.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        shared = self.centroids[self.codes.clamp_min(0)]
+        return torch.where(self.codes >= 0, shared, torch.zeros_like(shared)).to(weight.dtype)
+
+    @property
+    def header_bits(self) -> int:
+        return 32 * self.centroids.numel()

@@ -1,0 +1,146 @@
+"""The focused-quantization compression pipeline and its Deep Compression baseline, resumable by stage.
+
+1. **Pruning**: magnitude pruning to ``sparsity`` along Zhu & Gupta's cubic schedule (``prune_steps``
+   steps), each followed by ``prune_epochs`` of masked fine-tuning.
+2. **Focused quantization** of the pruned model: quantized weights held at their levels in steps
+   (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each.
+3. **Baseline** (Deep Compression) on the same pruned model: k-means weight sharing at
+   ``baseline_bits``, centroids fine-tuned for the same number of epochs as step 2 in total.
+4. **Coding**: both models' codes and sparsity patterns with Huffman, ANS and zstd; sizes and ratios
+   against fp32 (:mod:`.compress`).
+
+Every fine-tuning run checkpoints each epoch (the trainer's resumable state) and every finished stage
+writes the model's state, so a killed pipeline resumes at its last epoch. Validation accuracy is
+recorded along the way; the test split is read once per final model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import TrainConfig
+from ..fileio import atomic_torch_save
+from ..quant.transform import excluded_names
+from ..train import evaluate, train_model
+from .compress import compression_table
+from .focused import DEFAULT_SEPARATION, check_bits
+from .kmeans import SharedWeight, fit_codebook, quantize_with_codebook
+from .pruning import SCOPES, check_sparsity, cubic_schedule, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names
+from .transform import focus_quantize_, focused_codes, set_fraction_
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    sparsity: float = 0.8
+    scope: str = "layer"
+    prune_steps: int = 3
+    prune_epochs: int = 1
+    bits: int = 5
+    separation: float = DEFAULT_SEPARATION
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875, 1.0)
+    quant_epochs: int = 1
+    baseline_bits: int = 5
+    exclude: tuple[str, ...] = ("@first", "@last")
+    max_gap: int = 255
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        check_bits(self.bits)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope {self.scope!r} is not allowed; choose one of {list(SCOPES)}")
+        for name in ("prune_steps", "prune_epochs", "quant_epochs", "baseline_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "prune_epochs" else 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        fractions = tuple(self.fractions)
+        if not fractions or any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(set(fractions)) or fractions[-1] != 1:
+            raise ValueError(f"fractions must rise within (0, 1] and end at 1, got {self.fractions!r}")
+
+
+def _layer_names(model: nn.Module, exclude) -> list[str]:
+    keep = excluded_names(model, exclude)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in keep]
+
+
+def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: str, state: Path, progress: bool) -> None:
+    if epochs:
+        train_model(model, data, dataclasses.replace(train, epochs=epochs), seed=seed, device=device, state_path=state,
+                    progress=progress, state_key={"stage": state.stem})
+
+
+def _accuracy(model, data, split: str, device: str) -> float:
+    return evaluate(model, data.eval_loader(split), data.num_classes, device).accuracy
+
+
+def compress_model(model: nn.Module, data, config: CompressionConfig, train: TrainConfig, run_dir: str | Path,
+                   device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Run the pipeline on a copy of the trained float ``model``; returns stages, tables and final accuracies."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = _layer_names(model, config.exclude)
+    patterns = tuple(n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in names)
+    stages = [{"stage": "float", "sparsity": 0.0, "val_accuracy": _accuracy(model, data, "val", device)}]
+
+    pruned = copy.deepcopy(model)
+    for step, target in enumerate(cubic_schedule(config.sparsity, config.prune_steps), start=1):
+        done = run_dir / f"prune-{step}.pt"
+        if done.is_file():
+            state = torch.load(done, weights_only=True)
+            prepare_masks_(pruned, pruned_names(state))
+            pruned.load_state_dict(state)
+        else:
+            magnitude_prune_(pruned, target, config.scope, exclude=patterns)
+            _fine_tune(pruned, data, train, config.prune_epochs, config.seed + step, device, run_dir / f"prune-{step}.state", progress)
+            atomic_torch_save(pruned.state_dict(), done)
+        stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": target,
+                       "val_accuracy": _accuracy(pruned, data, "val", device)})
+    make_permanent_(pruned)
+
+    focused = copy.deepcopy(pruned)
+    layers = focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed)
+    for index, fraction in enumerate(config.fractions, start=1):
+        done = run_dir / f"focused-{index}.pt"
+        set_fraction_(focused, fraction)
+        if done.is_file():
+            focused.load_state_dict(torch.load(done, weights_only=True))
+        else:
+            _fine_tune(focused, data, train, config.quant_epochs, config.seed + 100 + index, device, run_dir / f"focused-{index}.state", progress)
+            atomic_torch_save(focused.state_dict(), done)
+        stages.append({"stage": f"focused {fraction:.3g}", "sparsity": config.sparsity,
+                       "val_accuracy": _accuracy(focused, data, "val", device)})
+
+    baseline = copy.deepcopy(pruned)
+    for name in names:
+        module = baseline.get_submodule(name)
+        codebook = fit_codebook(module.weight, config.baseline_bits, config.seed)
+        codes, _ = quantize_with_codebook(module.weight, codebook)
+        parametrize.register_parametrization(module, "weight", SharedWeight(codes, codebook))
+    done = run_dir / "baseline.pt"
+    if done.is_file():
+        baseline.load_state_dict(torch.load(done, weights_only=True))
+    else:
+        _fine_tune(baseline, data, train, config.quant_epochs * len(config.fractions), config.seed + 200, device,
+                   run_dir / "baseline.state", progress)
+        atomic_torch_save(baseline.state_dict(), done)
+    stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": config.sparsity,
+                   "val_accuracy": _accuracy(baseline, data, "val", device)})
+
+    baseline_codes = {name: (baseline.get_submodule(name).parametrizations.weight[0].codes.cpu(),
+                             baseline.get_submodule(name).parametrizations.weight[0].header_bits) for name in names}
+    tables = pd.concat([compression_table(focused, focused_codes(focused), max_gap=config.max_gap).assign(method="focused"),
+                        compression_table(baseline, baseline_codes, max_gap=config.max_gap).assign(method="deep compression")],
+                       ignore_index=True)
+    return {"config": dataclasses.asdict(config), "train": dataclasses.asdict(train), "stages": pd.DataFrame(stages),
+            "layers": layers, "sizes": tables, "models": {"float": model, "focused": focused, "deep compression": baseline},
+            "test_accuracy": {"float": _accuracy(model, data, "test", device), "focused": _accuracy(focused, data, "test", device),
+                              "deep compression": _accuracy(baseline, data, "test", device)}}
