@@ -228,3 +228,23 @@ def comparison(frame: pd.DataFrame, x: str, y: str = "test_after", title: str = 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def mixture_histogram(weights: np.ndarray, centres: Sequence[float], spreads: Sequence[float], shares: Sequence[float] | None,
+                      levels: np.ndarray, title: str = "") -> plt.Figure:
+    """Histogram of a layer's non-zero weights, the fitted Gaussians (scaled by their shares) and the quantization levels."""
+    values = np.asarray(weights, dtype=float)
+    values = values[values != 0]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.hist(values, bins=120, density=True, color="0.75", label="non-zero weights")
+    grid = np.linspace(values.min(), values.max(), 600)
+    shares = list(shares) if shares is not None else [1.0] * len(centres)
+    for index, (mu, sigma, share) in enumerate(zip(centres, spreads, shares)):
+        density = share * np.exp(-0.5 * ((grid - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+        ax.plot(grid, density, lw=1.5, label=f"component {index + 1}: N({mu:.3g}, {sigma:.3g}^2)")
+    for level in np.unique(levels):
+        ax.axvline(level, color="C3", lw=0.6, alpha=0.7)
+    ax.plot([], [], color="C3", lw=0.6, label=f"{len(np.unique(levels))} levels")
+    ax.set(xlabel="weight", ylabel="density", title=title)
+    ax.legend(fontsize=7)
+    return fig

@@ -35,7 +35,16 @@ def test_ans_is_within_one_percent_of_the_entropy_and_huffman_above_it():
     assert entropy <= ans.payload_bits <= 1.01 * entropy
     assert ans.bits <= 1.02 * entropy  # model parameters included
     assert huffman.payload_bits >= entropy and huffman.payload_bits <= entropy + len(symbols)  # < 1 bit per symbol over
-    assert huffman.table_bits == 15 * (32 + 6) and ans.table_bits == 15 * (32 + 32)
+    span_bits = 2 * 32 + 15  # symbols -7..7: bounds and a presence bit each
+    assert huffman.table_bits == span_bits + 15 * 6
+    assert ans.table_bits == span_bits + 6 + 15 * int(np.unique(symbols, return_counts=True)[1].max()).bit_length()
+
+
+def test_alphabet_table_picks_the_shorter_form():
+    from cpq_lib.sparse.coding import alphabet_bits
+
+    assert alphabet_bits(np.array([-1, 0, 3])) == 64 + 5
+    assert alphabet_bits(np.array([0, 10**6])) == 32 * 3  # a sparse alphabet is listed
 
 
 def test_entropy_of_a_known_stream():

@@ -53,3 +53,12 @@ def test_compression_table_totals_and_ratio():
         compression_table(model, {"nope": codes["features.0.0"]})
     with pytest.raises(ValueError, match="coders"):
         compression_table(model, codes, coders=("gzip",))
+
+
+def test_payload_and_tables_add_up():
+    model = _pruned_model()
+    table = compression_table(model, _focused_codes(model), coders=("huffman", "ans"))
+    layers = table[table["layer"] != "total"]
+    assert (layers["payload_bits"] + layers["table_bits"] == layers["index_bits"] + layers["code_bits"]).all()
+    huffman = layers[layers["coder"] == "huffman"]
+    assert (huffman["payload_bits"] >= huffman["entropy_bits"] - 1e-6).all()  # no order-0 code beats the entropy

@@ -10,6 +10,10 @@ symbols that were coded.
   table with pickle and offers no canonical form.
 - ``ans``: ``constriction``'s range-ANS coder with one categorical model per stream (symbol counts as
   the model parameters), which gets within a fraction of a percent of the empirical entropy.
+
+Tables: the alphabet is its smallest and largest symbol plus a presence bitmap of the range between
+(or a list of 32-bit symbols when shorter); Huffman adds 6 bits of code length per symbol, ANS every
+count at the width of the largest count.
 - ``zstd``: a general-purpose compressor (``zstandard``, level 19) on the symbols' smallest integer type,
   as a reference column.
 """
@@ -22,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 CODERS = ("huffman", "ans", "zstd")
-SYMBOL_BITS = 32        # an alphabet entry in a table (symbols are 32-bit integers)
+SYMBOL_BITS = 32        # the alphabet's smallest and largest symbol (32-bit integers)
 LENGTH_BITS = 6         # a Huffman code length (<= 63)
-COUNT_BITS = 32         # a symbol count in an ANS model
+WIDTH_BITS = 6          # the bit width of the ANS counts that follow
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ def as_symbols(values) -> np.ndarray:
     if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
         raise ValueError("symbols must fit in 32-bit integers")
     return array
+
+
+def alphabet_bits(alphabet: np.ndarray) -> int:
+    """The alphabet as smallest and largest symbol plus a presence bit for every value in between,
+    or as a plain list of 32-bit symbols when that is shorter."""
+    if len(alphabet) == 0:
+        return 0
+    span = int(alphabet[-1]) - int(alphabet[0]) + 1
+    return min(2 * SYMBOL_BITS + span, SYMBOL_BITS * (len(alphabet) + 1))
+
+
+def count_table_bits(counts: np.ndarray) -> int:
+    """ANS model parameters: every count at the width of the largest one, plus that width."""
+    return WIDTH_BITS + len(counts) * int(counts.max()).bit_length()
 
 
 def empirical_entropy_bits(values) -> float:
@@ -126,7 +144,7 @@ def _huffman_encode(symbols: np.ndarray) -> CodedStream:
     lengths = huffman_lengths(counts)
     codes = canonical_codes(lengths)
     payload, bits = _bits_to_bytes(codes[index], lengths[index])
-    return CodedStream("huffman", payload, bits, len(alphabet) * (SYMBOL_BITS + LENGTH_BITS), len(symbols),
+    return CodedStream("huffman", payload, bits, alphabet_bits(alphabet) + len(alphabet) * LENGTH_BITS, len(symbols),
                        alphabet, lengths)
 
 
@@ -165,7 +183,7 @@ def _ans_encode(symbols: np.ndarray) -> CodedStream:
     if len(alphabet) > 1:  # one symbol: the count says it all
         coder.encode_reverse(index.astype(np.int32), _ans_model(counts))
     words = coder.get_compressed()
-    return CodedStream("ans", words.tobytes(), 32 * len(words), len(alphabet) * (SYMBOL_BITS + COUNT_BITS),
+    return CodedStream("ans", words.tobytes(), 32 * len(words), alphabet_bits(alphabet) + count_table_bits(counts),
                        len(symbols), alphabet, counts)
 
 

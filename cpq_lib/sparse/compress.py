@@ -64,7 +64,8 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
 
     ``layer_codes`` maps a layer name to (codes, header bits); its ``weight`` is then not counted at fp32.
     Rows: one per (coder, layer) plus a ``total`` row per coder with ``ratio`` = fp32 bits / coded bits.
-    Each layer row also gives the empirical entropy of its two streams (the order-0 bound).
+    Each layer row also gives the empirical entropy of its two streams (the order-0 bound), the coder's
+    payload bits (to compare with it) and its table / model bits (alphabet, code lengths or counts).
     """
     unknown = [c for c in coders if c not in CODERS]
     if unknown:
@@ -83,13 +84,16 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
         for name, (codes, header_bits) in layer_codes.items():
             layer = code_layer(codes, header_bits, coder, max_gap)
             rows.append({"coder": coder, "layer": name, "weights": int(codes.numel()), "nonzero": int((codes >= 0).sum()),
-                         "index_bits": layer.gaps.bits, "code_bits": layer.codes.bits, "header_bits": layer.bits - layer.gaps.bits - layer.codes.bits,
+                         "index_bits": layer.gaps.bits, "code_bits": layer.codes.bits,
+                         "payload_bits": layer.gaps.payload_bits + layer.codes.payload_bits,
+                         "table_bits": layer.gaps.table_bits + layer.codes.table_bits,
+                         "header_bits": layer.bits - layer.gaps.bits - layer.codes.bits,
                          "bits": layer.bits,
                          "entropy_bits": _stream_entropy(codes, max_gap)})
             total += layer.bits
         rows.append({"coder": coder, "layer": "total", "weights": sum(int(c.numel()) for c, _ in layer_codes.values()),
                      "nonzero": sum(int((c >= 0).sum()) for c, _ in layer_codes.values()), "index_bits": None,
-                     "code_bits": None, "header_bits": None, "bits": total, "entropy_bits": None,
+                     "code_bits": None, "payload_bits": None, "table_bits": None, "header_bits": None, "bits": total, "entropy_bits": None,
                      "ratio": reference / total})
     return pd.DataFrame(rows)
 
