@@ -44,3 +44,23 @@ def test_pipeline_stages_sizes_and_exact_resume(digits_baseline, digits, tmp_pat
 def test_bad_configuration_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CompressionConfig(**kwargs)
+
+
+def test_command_line_saves_and_loads_results(tmp_path, quick_baseline_dir):
+    import shutil
+
+    from cpq_lib.sparse.__main__ import main
+    from cpq_lib.sparse.pipeline import load_results
+
+    run = tmp_path / "runs"
+    shutil.copytree(quick_baseline_dir, run / "baseline")
+    out = tmp_path / "out"
+    code = main(["--out", str(out), "--run-dir", str(run / "focused"), "--sparsity", "0.6", "--prune-steps", "1",
+                 "--fractions", "1.0", "--bits", "4", "--baseline-bits", "3"])
+    assert code == 0
+    loaded = load_results(out)
+    assert loaded["config"]["bits"] == 4 and set(loaded["test_accuracy"]) == {"float", "focused", "deep compression"}
+    assert loaded["stages"]["stage"].tolist()[-1] == "deep compression 3-bit" and "command" in loaded["record"]["results"]
+    assert main(["--out", str(out), "--sparsity", "1.5"]) == 2
+    with pytest.raises(FileNotFoundError, match="not a saved compression result"):
+        load_results(tmp_path)

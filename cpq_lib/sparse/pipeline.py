@@ -144,3 +144,32 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
             "layers": layers, "sizes": tables, "models": {"float": model, "focused": focused, "deep compression": baseline},
             "test_accuracy": {"float": _accuracy(model, data, "test", device), "focused": _accuracy(focused, data, "test", device),
                               "deep compression": _accuracy(baseline, data, "test", device)}}
+
+
+RESULT_TABLES = ("stages", "layers", "sizes")
+
+
+def save_results(result: dict[str, Any], folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the tables as CSV and config, test accuracies and ``extra`` as summary.json (atomically)."""
+    from ..fileio import atomic_write_json, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_TABLES:
+        atomic_write_text(result[name].to_csv(index=False), folder / f"{name}.csv")
+    summary = {"config": result["config"], "train": result["train"], "test_accuracy": result["test_accuracy"], **(extra or {})}
+    atomic_write_json(summary, folder / "summary.json")
+    return folder
+
+
+def load_results(folder: str | Path) -> dict[str, Any]:
+    """What :func:`save_results` wrote (no models)."""
+    import json
+
+    folder = Path(folder)
+    missing = [f"{n}.csv" for n in RESULT_TABLES if not (folder / f"{n}.csv").is_file()]
+    if missing or not (folder / "summary.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a saved compression result (missing {missing or ['summary.json']})")
+    result = {name: pd.read_csv(folder / f"{name}.csv") for name in RESULT_TABLES}
+    result.update(json.loads((folder / "summary.json").read_text()))
+    return result
