@@ -60,3 +60,11 @@ def test_bench_ptq_records_the_ratio(bench, cifar10_zip):
                    "--positions", "64", "--steps", "4")
     assert record["calibration_images"] == 20 and record["search"]["steps"] == 4
     assert record["ptqsl_vs_validation_pass"] > 0 and set(record["seconds"]) == {"validation pass", "PTQ-SL"}
+
+
+def test_bench_coding_records_exact_round_trips(bench):
+    record = bench("bench_coding", "--repeats", "1", "--sparsity", "0.95", "--bits", "3")
+    assert record["exact_round_trip"] is True and set(record["coders"]) == {"huffman", "ans", "zstd"}
+    ans = record["coders"]["ans"]
+    assert 1.0 <= ans["payload_over_entropy"] < 1.05 and ans["encode_weights_per_s"] > 0
+    assert record["coders"]["zstd"]["encode_vs_zstd"] == 1.0
