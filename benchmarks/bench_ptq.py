@@ -27,6 +27,12 @@ from cpq_lib.quant import QuantConfig, calibrate_, quantize_  # noqa: E402
 from cpq_lib.train import evaluate  # noqa: E402
 
 
+def _loader(images):
+    from cpq_lib.data.loaders import TensorBatchLoader
+
+    return TensorBatchLoader(images, 500)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
@@ -34,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--positions", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--val-images", type=int, default=None, help="a stratified subset of the validation split (default: all)")
     args = parser.parse_args(argv)
     data = load_dataset("cifar10", args.data_root)
     if ("resnet20", "cifar10") in available_pretrained():
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
     config = QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(8, 2))
     search = ScaleSearchConfig(positions=args.positions, steps=args.steps)
     quantized = calibrate_(quantize_(copy.deepcopy(model), config).eval(), calibration)
-    validation = data.eval_loader("val")
+    validation = data.eval_loader("val") if args.val_images is None else _loader(data.subset("val", args.val_images))
 
     def ptq_sl():
         fresh = quantize_(copy.deepcopy(model), config).eval()
@@ -60,7 +67,7 @@ def main(argv=None) -> int:
     times = time_alternating({"validation pass": validation_pass, "PTQ-SL": ptq_sl}, args.repeats, warmup=1)
     seconds = {name: median(values) for name, values in times.items()}
     result = {"seconds": seconds, "ptqsl_vs_validation_pass": paired_ratio(times, "PTQ-SL", "validation pass"),
-              "validation_images": len(data.part("val")), "calibration_images": args.calibration_images,
+              "validation_images": sum(len(labels) for _, labels in validation), "calibration_images": args.calibration_images,
               "search": search.__dict__, "repeats": args.repeats, "times": times, "machine": machine()}
     save("bench_ptq", result)
     print(f"validation pass {seconds['validation pass']:.2f} s, PTQ-SL {seconds['PTQ-SL']:.1f} s: "

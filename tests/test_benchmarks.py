@@ -57,8 +57,8 @@ def test_bench_scoring_checks_same_scores(bench, cifar10_zip):
 
 def test_bench_ptq_records_the_ratio(bench, cifar10_zip):
     record = bench("bench_ptq", "--data-root", str(cifar10_zip), "--repeats", "1", "--calibration-images", "20",
-                   "--positions", "64", "--steps", "4")
-    assert record["calibration_images"] == 20 and record["search"]["steps"] == 4
+                   "--positions", "64", "--steps", "4", "--val-images", "200")
+    assert record["calibration_images"] == 20 and record["search"]["steps"] == 4 and record["validation_images"] == 200
     assert record["ptqsl_vs_validation_pass"] > 0 and set(record["seconds"]) == {"validation pass", "PTQ-SL"}
 
 
