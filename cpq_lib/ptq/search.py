@@ -10,7 +10,8 @@ For every quantized layer, in network order:
 2. Weight scales: candidates ``scale0 * (alpha + i * (beta - alpha) / n)`` for ``i = 0..n`` plus
    ``scale0`` itself (so the result is never worse than the max-based start by the metric). ``scale0``
    is the quantizer's max-based scale ``max|w| / qmax``; the paper's ``max|w| / (qmax - 0.5)`` is the
-   factor ``qmax / (qmax - 0.5)`` (at most 1.2 for 2 bits and more) of it, inside the grid. Output
+   factor ``qmax / (qmax - 0.5)`` of it: 1.2 at 3 bits and less above, inside the grid (at 2 bits it is
+   2, outside the paper's grid). Output
    channels of different row groups are independent, so every row group picks its best candidate in
    the same pass (vectorised over candidates and blocks); column groups, which share output channels,
    are visited in turn (coordinate descent, ``n_H`` passes). Candidates go ``chunk`` at a time, which
