@@ -160,6 +160,8 @@ def test_correlation_and_verdict_on_a_known_table():
     assert verdict["best_reordered"] == "8x1" and verdict["beats_channel"] and verdict["difference"] == pytest.approx(0.05)
     report = markdown_report(table)
     assert "| W4A8 | sort |  | 70.00 | 85.00 |  | 90.00 |" in report and "W4A8 +0.93" in report
+    few = markdown_report(table[table["granularity"].isin(["channel", "layer"])])  # too few points for a correlation
+    assert "needs 3 or more granularities" in few
     assert "| W4A8 | no | 80.00 (100) | 8x1: 85.00 (16) | +5.00 |" in report
 
 

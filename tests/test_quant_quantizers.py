@@ -85,7 +85,7 @@ def test_bad_bits_and_settings():
         WeightQuantizer((4, 1), 4, "block")
     with pytest.raises(ValueError, match="one per output channel \\(4\\)"):
         WeightQuantizer((4, 1), torch.tensor([4, 4]))
-    with pytest.raises(ValueError, match="groups must be in 1..3"):
+    with pytest.raises(ValueError, match="groups must be an integer in 1..3"):
         contiguous_groups(3, 5)
 
 

@@ -141,7 +141,7 @@ def granularity_correlation(results: pd.DataFrame, accuracy: str = "val_accuracy
         rho, p = spearmanr(group["scales"], group[accuracy])
         rows.append({"target": keys[0], "reorder": keys[1], "search": keys[2], "points": len(group),
                      "spearman_rho": float(rho), "p_value": float(p)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["target", "reorder", "search", "points", "spearman_rho", "p_value"])
 
 
 def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", reorder: str = "sort") -> pd.DataFrame:
@@ -162,7 +162,8 @@ def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", re
                      "reordered_scales": int(best["scales"]), "reordered_accuracy": float(best[accuracy]),
                      "difference": float(best[accuracy] - channel_row[accuracy]),
                      "beats_channel": bool(best[accuracy] > channel_row[accuracy])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["target", "search", "channel_scales", "channel_accuracy", "best_reordered",
+                                       "reordered_scales", "reordered_accuracy", "difference", "beats_channel"])
 
 
 def accuracy_table(results: pd.DataFrame, accuracy: str = "val_accuracy") -> pd.DataFrame:
@@ -187,8 +188,8 @@ def markdown_report(results: pd.DataFrame, accuracy: str = "val_accuracy") -> st
     lines.append("")
     correlation = granularity_correlation(results, accuracy)
     overall = correlation[correlation["reorder"] == "all"]
-    lines.append("Spearman's rho of accuracy vs number of scales (all configurations of a target): " + ", ".join(
-        f"{r.target} {r.spearman_rho:+.2f} (p {r.p_value:.3f})" for r in overall.itertuples()) + ".")
+    lines.append("Spearman's rho of accuracy vs number of scales (all configurations of a target): " + (", ".join(
+        f"{r.target} {r.spearman_rho:+.2f} (p {r.p_value:.3f})" for r in overall.itertuples()) or "needs 3 or more granularities") + ".")
     verdict = reordering_verdict(results, accuracy)
     lines.append("")
     lines.append("| target | search | channel-wise (scales) | best reordered with no more scales | difference (points) |")
