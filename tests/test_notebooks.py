@@ -72,6 +72,11 @@ import cpq_lib.quant.quantizers as quantizers
 quantizers.WeightQuantizer.forward = lambda self, weight: weight
 quantizers.ActivationQuantizer.forward = lambda self, x: x
 ''',
+    # focused quantization leaves weights in full precision
+    "focused_off": '''
+import cpq_lib.sparse.focused as focused
+focused.FocusedWeightQuantizer.forward = lambda self, weight: weight
+''',
 }
 
 
@@ -92,6 +97,7 @@ def _nbval_with(mutation: str, notebooks: list[str], tmp_path: Path, baseline: P
     ("scores_all_ones", ["notebooks/03_class_scores.ipynb", "notebooks/04_critical_paths.ipynb"],
      {"03_class_scores.ipynb": 2, "04_critical_paths.ipynb": 3}),
     ("quantization_off", ["notebooks/02_quantization_basics.ipynb"], {"02_quantization_basics.ipynb": 2}),
+    ("focused_off", ["notebooks/09_focused_quantization.ipynb"], {"09_focused_quantization.ipynb": 2}),
 ])
 def test_nbval_fails_when_results_are_wrong(mutation, notebooks, failing, tmp_path, quick_baseline_dir):
     result = _nbval_with(mutation, notebooks, tmp_path, quick_baseline_dir)
