@@ -17,22 +17,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, paired_ratio, save, time_alternating  # noqa: E402
+from common import machine, median, paired_ratio, resnet20, save, time_alternating  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from cpq_lib.models import available_pretrained, build_model, load_pretrained  # noqa: E402
 from cpq_lib.sparse import CODERS, decode, empirical_entropy_bits, encode, magnitude_prune_, positions_from_gaps, relative_indices  # noqa: E402
 from cpq_lib.sparse.transform import focus_quantize_, focused_codes  # noqa: E402
 
 
 def streams(sparsity: float, bits: int) -> tuple[list[np.ndarray], int]:
-    if ("resnet20", "cifar10") in available_pretrained():
-        model, _ = load_pretrained("resnet20", "cifar10")
-    else:
-        torch.manual_seed(0)
-        model = build_model("resnet20", 10)
+    model = resnet20()
     magnitude_prune_(model, sparsity, exclude=("conv1", "fc", "*shortcut*"))
     focus_quantize_(model, bits, exclude=("@first", "@last", "*shortcut*"))
     out, weights = [], 0

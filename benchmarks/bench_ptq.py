@@ -15,13 +15,11 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, paired_ratio, save, time_alternating  # noqa: E402
+from common import machine, median, paired_ratio, resnet20, save, time_alternating  # noqa: E402
 
 from cpq_lib.data import load_dataset  # noqa: E402
-from cpq_lib.models import available_pretrained, build_model, load_pretrained  # noqa: E402
 from cpq_lib.ptq import ScaleSearchConfig, reorder_channels_, search_scales_  # noqa: E402
 from cpq_lib.quant import QuantConfig, calibrate_, quantize_  # noqa: E402
 from cpq_lib.train import evaluate  # noqa: E402
@@ -43,12 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val-images", type=int, default=None, help="a stratified subset of the validation split (default: all)")
     args = parser.parse_args(argv)
     data = load_dataset("cifar10", args.data_root)
-    if ("resnet20", "cifar10") in available_pretrained():
-        model, _ = load_pretrained("resnet20", "cifar10")
-    else:
-        torch.manual_seed(0)
-        model = build_model("resnet20", 10)
-    model.eval()
+    model = resnet20()
     calibration = list(data.calibration_loader(args.calibration_images, seed=0))
     config = QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(8, 2))
     search = ScaleSearchConfig(positions=args.positions, steps=args.steps)

@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, paired_ratio, save, time_alternating  # noqa: E402
+from common import machine, median, paired_ratio, resnet20, save, time_alternating  # noqa: E402
 
 from cpq_lib.classpath import score_classes  # noqa: E402
 from cpq_lib.classpath.reference import score_classes_per_image  # noqa: E402
 from cpq_lib.data import load_dataset  # noqa: E402
-from cpq_lib.models import available_pretrained, build_model, load_pretrained  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,11 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-class", type=int, default=100)
     args = parser.parse_args(argv)
     data = load_dataset("cifar10", args.data_root)
-    if ("resnet20", "cifar10") in available_pretrained():
-        model, _ = load_pretrained("resnet20", "cifar10")
-    else:
-        torch.manual_seed(0)
-        model = build_model("resnet20", 10)
+    model = resnet20()
     model = model.to(memory_format=torch.channels_last).eval()
     loader = data.per_class_loader(args.per_class, split="train", seed=0, batch_size=250)
     images, labels = (torch.cat(parts) for parts in zip(*loader))

@@ -61,3 +61,15 @@ def save(name: str, payload: dict) -> Path:
               **payload}
     atomic_write_json(record, path)
     return path
+
+
+def resnet20():
+    """The shipped CIFAR-10 ResNet-20, or a seeded random one where the package ships none (eval mode)."""
+    from cpq_lib.models import available_pretrained, build_model, load_pretrained
+
+    if ("resnet20", "cifar10") in available_pretrained():
+        model, _ = load_pretrained("resnet20", "cifar10")
+    else:
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10)
+    return model.eval()

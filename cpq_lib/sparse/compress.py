@@ -78,6 +78,7 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
     rest = FLOAT_BITS * sum(t.numel() for k, t in state.items()
                             if not k.startswith(coded) and _stored_at_fp32(k, t))
     reference = float_bits(model)
+    entropy = {name: _stream_entropy(codes, max_gap) for name, (codes, _) in layer_codes.items()}  # same for every coder
     rows = []
     for coder in coders:
         total = rest
@@ -89,7 +90,7 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
                          "table_bits": layer.gaps.table_bits + layer.codes.table_bits,
                          "header_bits": layer.bits - layer.gaps.bits - layer.codes.bits,
                          "bits": layer.bits,
-                         "entropy_bits": _stream_entropy(codes, max_gap)})
+                         "entropy_bits": entropy[name]})
             total += layer.bits
         rows.append({"coder": coder, "layer": "total", "weights": sum(int(c.numel()) for c, _ in layer_codes.values()),
                      "nonzero": sum(int((c >= 0).sum()) for c, _ in layer_codes.values()), "index_bits": None,
