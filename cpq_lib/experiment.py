@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from filelock import FileLock
 from torch import nn
 
 from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
@@ -91,6 +92,15 @@ def run_experiment(config: ExperimentConfig, run_dir: str | os.PathLike, *, shar
     if record_path.is_file():
         return json.loads(record_path.read_text(encoding="utf-8"))
     run.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run / ".lock")):  # a second process on this run (a restarted sweep) waits, then reads
+        if record_path.is_file():
+            return json.loads(record_path.read_text(encoding="utf-8"))
+        return _run_experiment(config, run, shared_dir, data, progress)
+
+
+def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.PathLike | None,
+                    data: DataBundle | None, progress: bool) -> dict[str, Any]:
+    record_path = run / RECORD
     shared = Path(shared_dir) if shared_dir is not None else run
     started = time.perf_counter()
     configure_runtime(config.seed, config.threads, config.deterministic)

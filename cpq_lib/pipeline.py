@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from .config import ExperimentConfig
@@ -108,6 +109,14 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
         check_card_matches(card, data, f"shipped {config.model.name}_{data.name}")
         return model.to(device), card
     path = baseline_folder(run_dir, config.seed) / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / ".lock")):  # runs of a sweep in parallel processes train it once
+        return _cached_or_trained_baseline(config, data, path, progress)
+
+
+def _cached_or_trained_baseline(config: ExperimentConfig, data: DataBundle, path: Path,
+                                progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    device = config.resolved_device()
     if path.is_file():
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
         same_run = (card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed

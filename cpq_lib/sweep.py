@@ -8,6 +8,12 @@ last checkpoint. A sweep folder may be extended with more axes or values later (
 for some allocators): run ids come from the configuration, and a run folder whose record was made with
 another configuration is an error, not silently reused.
 
+Runs execute in this process (``--executor inline``), in local processes (``local``, the default: no
+set-up, ``--parallel N`` at a time, spread over the GPUs) or as a Slurm job array through submitit
+(``slurm``: ``--partition``, one GPU per job, ``--parallel`` caps the array). Job folders (pickled
+calls, logs) are in ``<out>/jobs``. A killed driver leaves its jobs running; started again, it waits
+for them (run locks) instead of computing a run twice.
+
 Axes: ``field=v1,v2,...`` (values as JSON where they parse, else strings), or several fields that
 move together, ``field1,field2=a1:a2,b1:b2`` (for example ``allocation.weight_bits,allocation.act_bits=2:2,3:3``).
 """
@@ -30,9 +36,9 @@ from .config import ExperimentConfig, make_config
 from .errors import ConfigError, CpqError
 from .experiment import RECORD, run_experiment, tidy_frame
 from .fileio import atomic_path
+from .jobs import EXECUTORS, Call, ExecutorSettings, raise_failures, run_calls
 from .pipeline import load_data
-from .progress import progress as progress_bar
-from .runtime import configure_runtime
+from .runtime import configure_runtime, set_portable_environment
 
 RESULTS = "results.csv"
 SHORT = {"allocation.method": "", "allocation.weight_bits": "W", "allocation.act_bits": "A", "seed": "s"}
@@ -114,13 +120,25 @@ def write_results(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def run_one(profile: str, overrides: dict[str, Any], run_dir: str, shared_dir: str) -> str:
+    """One run of a sweep in a fresh process (a local or Slurm job); returns its record's path."""
+    config = make_config(profile, overrides)
+    run_experiment(config, run_dir, shared_dir=shared_dir, progress=False)
+    return str(Path(run_dir) / RECORD)
+
+
 def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
               base: dict[str, Any] | None = None, progress: bool = True,
-              shared_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+              shared_dir: str | os.PathLike | None = None,
+              executor: ExecutorSettings | str = "inline") -> pd.DataFrame:
     """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results.
 
     ``shared_dir`` (default ``<out>/shared``): where runs find and cache baselines and class scores.
+    ``executor``: ``"inline"`` (this process), ``"local"`` (one process per run) or settings
+    (:class:`cpq_lib.jobs.ExecutorSettings`: parallelism, GPUs, Slurm partition, ...). The numbers do
+    not depend on it: every run seeds and configures its own runtime.
     """
+    settings = executor if isinstance(executor, ExecutorSettings) else ExecutorSettings(kind=executor)
     out = Path(out_dir)
     shared = Path(shared_dir) if shared_dir is not None else out / "shared"
     runs = combinations(axes)
@@ -130,15 +148,26 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         raise ConfigError(f"the grid gives two runs the same id: {sorted(i for i in ids if ids.count(i) > 1)[:3]}")
     for identifier, config in configs:
         _check_same_config(out / "runs" / identifier, config)
+    if settings.kind != "inline":
+        todo = [(i, o) for (i, _), o in zip(configs, runs) if not (out / "runs" / i / RECORD).is_file()]
+        if any(config.deterministic for _, config in configs):
+            set_portable_environment()  # jobs inherit it: pinned kernels before they import torch
+        calls = [Call(i, run_one, (profile, {**(base or {}), **o}, str(out / "runs" / i), str(shared))) for i, o in todo]
+        failures = run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
+        frame = write_results(out)
+        raise_failures(failures, len(calls))
+        return frame
     data_cache: dict[str, Any] = {}
-    for identifier, config in progress_bar(configs, progress, desc="sweep"):
+
+    def run_here(identifier: str, config: ExperimentConfig) -> None:
         key = json.dumps(config.to_dict()["data"], sort_keys=True)
         if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
             configure_runtime(config.seed, config.threads, config.deterministic)  # before anything computes
             data_cache[key] = load_data(config)
-        run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key),
-                       progress=progress)
-        write_results(out)
+        run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key), progress=progress)
+
+    calls = [Call(identifier, run_here, (identifier, config)) for identifier, config in configs]
+    run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
     return write_results(out)
 
 
@@ -151,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", action="append", default=[], metavar="AXIS", help="FIELD=V1,V2 (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every run")
     parser.add_argument("--no-progress", action="store_true")
+    jobs = parser.add_argument_group("executor")
+    jobs.add_argument("--executor", choices=EXECUTORS, default="local",
+                      help="local: one process per run (default); slurm: a submitit job array; inline: this process")
+    jobs.add_argument("--parallel", type=int, default=1, help="most runs at once (local processes / Slurm array cap)")
+    jobs.add_argument("--gpus-per-job", type=int, default=None, help="default: 1 on Slurm; locally 1 if CUDA is available")
+    jobs.add_argument("--timeout-min", type=int, default=24 * 60, help="wall-time limit per run (minutes)")
+    jobs.add_argument("--partition", default=None, help="Slurm partition")
+    jobs.add_argument("--account", default=None, help="Slurm account")
+    jobs.add_argument("--cpus-per-task", type=int, default=None)
+    jobs.add_argument("--mem-gb", type=float, default=None)
+    jobs.add_argument("--setup", action="append", default=[], metavar="LINE",
+                      help="shell line run before each job, e.g. 'source .venv/bin/activate' (repeatable)")
+    jobs.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                      help="further sbatch option, e.g. qos=normal or constraint=h100 (repeatable)")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give a folder")
@@ -162,7 +205,17 @@ def main(argv: list[str] | None = None) -> int:
             key, value = item.split("=", 1)
             base[key] = parse_value(value)
         axes = [parse_axis(text) for text in args.grid]
-        frame = run_sweep(args.profile, axes, args.out, base, progress=not args.no_progress)
+        slurm_args = {}
+        for item in args.slurm:
+            if "=" not in item:
+                raise ConfigError(f"--slurm expects KEY=VALUE (an sbatch option without dashes), got {item!r}")
+            key, value = item.split("=", 1)
+            slurm_args[key.strip().replace("-", "_")] = value
+        settings = ExecutorSettings(kind=args.executor, parallel=args.parallel, gpus_per_job=args.gpus_per_job,
+                                    timeout_min=args.timeout_min, partition=args.partition, account=args.account,
+                                    cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, setup=tuple(args.setup),
+                                    slurm_args=slurm_args)
+        frame = run_sweep(args.profile, axes, args.out, base, progress=not args.no_progress, executor=settings)
     except CpqError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 
 from ..devices import check_model_device
@@ -305,12 +306,14 @@ def cached_scores(cache_dir: str | os.PathLike, model: nn.Module, data_key: dict
                              "code": code_fingerprint(*SCORING_CODE)}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"scores-{key}.pt"
-    if path.is_file():
-        try:
-            return ClassScores.load(path)
-        except ScoringError:
-            pass  # damaged cache entry: recompute and overwrite
-    scores = compute()
-    scores.settings = {**scores.settings, "cache_key": key, "data": data_key}
-    scores.save(path)
-    return scores
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):  # parallel runs of a sweep compute them once
+        if path.is_file():
+            try:
+                return ClassScores.load(path)
+            except ScoringError:
+                pass  # damaged cache entry: recompute and overwrite
+        scores = compute()
+        scores.settings = {**scores.settings, "cache_key": key, "data": data_key}
+        scores.save(path)
+        return scores

@@ -1,0 +1,201 @@
+"""Where the runs of a sweep execute: in this process, in local processes, or as Slurm jobs.
+
+Local processes and Slurm go through submitit, which pickles a call (function and arguments) into a job
+folder, runs it in a fresh Python process and pickles back its result or its exception with the
+traceback; its ``LocalExecutor`` needs no set-up, its ``AutoExecutor`` writes and submits the sbatch
+script (job arrays, one GPU per job, array parallelism) on a cluster. What submitit leaves to us: a cap
+on how many local processes run at once (its local executor starts every job it is given), spreading
+local jobs over the GPUs, and collecting failures into one error that names each run and its log.
+
+Jobs outlive a killed driver (submitit's controllers are meant to); a restarted sweep submits the
+unfinished runs again, and the run lock in :func:`cpq_lib.experiment.run_experiment` makes a second
+copy of a still running job wait for the first and then read its record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import ConfigError, CpqError
+from .progress import progress as progress_bar
+
+EXECUTORS = ("inline", "local", "slurm")
+
+
+class SweepError(CpqError):
+    """Some runs of a sweep failed; the message names them and where their logs are."""
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How sweep runs are executed.
+
+    ``parallel``: most runs at once (local processes; on Slurm the array's parallelism cap).
+    ``gpus_per_job``: None means 1 on Slurm, and locally 1 when CUDA is available (0 otherwise); local
+    jobs are spread round-robin over ``local_gpus`` devices (several jobs may share one GPU: ResNet-20
+    steps are bound by kernel launches, so separate processes overlap on the device).
+    ``timeout_min``: wall-time limit of each job (Slurm ``--time``; local jobs are stopped after it).
+    ``setup``: shell lines run before each job (``module load ...``, ``source venv/bin/activate``).
+    ``slurm_args``: further sbatch options, e.g. ``{"qos": "normal", "constraint": "h100"}``.
+    """
+
+    kind: str = "local"
+    parallel: int = 1
+    gpus_per_job: int | None = None
+    local_gpus: int | None = None
+    timeout_min: int = 24 * 60
+    partition: str | None = None
+    account: str | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    setup: tuple[str, ...] = ()
+    slurm_args: dict[str, Any] = field(default_factory=dict)
+    job_name: str = "cpq-sweep"
+    poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ConfigError(f"executor {self.kind!r} is not known; choose one of {list(EXECUTORS)}")
+        if self.parallel < 1:
+            raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
+        if self.gpus_per_job is not None and self.gpus_per_job < 0:
+            raise ConfigError(f"gpus_per_job must be >= 0, got {self.gpus_per_job}")
+        if self.timeout_min < 1:
+            raise ConfigError(f"timeout_min must be >= 1 minute, got {self.timeout_min}")
+        if self.kind != "slurm" and (self.partition or self.account or self.slurm_args):
+            raise ConfigError(f"partition, account and Slurm options need executor 'slurm', not {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One unit of work: ``function(*args)`` under a readable name (the run id)."""
+
+    name: str
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass
+class Failure:
+    name: str
+    error: str
+    log: str | None = None
+
+
+def _local_gpus(settings: ExecutorSettings) -> int:
+    if settings.local_gpus is not None:
+        return settings.local_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def local_executor(settings: ExecutorSettings, folder: Path, index: int):
+    """submitit's LocalExecutor for the ``index``-th job (its GPU chosen round-robin)."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=folder)
+    available = _local_gpus(settings)
+    gpus = settings.gpus_per_job if settings.gpus_per_job is not None else min(1, available)
+    if gpus > max(available, 0) and settings.gpus_per_job is not None:
+        raise ConfigError(f"gpus_per_job={gpus} but this machine has {available} CUDA device(s)")
+    visible = tuple((index * gpus + k) % available for k in range(gpus)) if gpus else ()
+    executor.update_parameters(timeout_min=settings.timeout_min, gpus_per_node=gpus, visible_gpus=visible,
+                               setup=list(settings.setup))
+    return executor
+
+
+def slurm_executor(settings: ExecutorSettings, folder: Path):
+    """submitit's AutoExecutor for Slurm: one job per run, submitted as one array."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    extra = {f"slurm_{key}": value for key, value in settings.slurm_args.items()}
+    executor.update_parameters(
+        name=settings.job_name, timeout_min=settings.timeout_min,
+        gpus_per_node=1 if settings.gpus_per_job is None else settings.gpus_per_job, tasks_per_node=1, nodes=1,
+        cpus_per_task=settings.cpus_per_task, mem_gb=settings.mem_gb, slurm_partition=settings.partition,
+        slurm_account=settings.account, slurm_array_parallelism=settings.parallel,
+        slurm_setup=list(settings.setup) or None, **extra,
+    )
+    return executor
+
+
+def submit_slurm(calls: list[Call], settings: ExecutorSettings, folder: Path) -> list[tuple[Call, Any]]:
+    executor = slurm_executor(settings, folder)
+    with executor.batch():  # one sbatch --array for the whole grid
+        jobs = [executor.submit(call.function, *call.args) for call in calls]
+    return list(zip(calls, jobs))
+
+
+def _failure(call: Call, job: Any) -> Failure | None:
+    try:
+        job.result()
+    except Exception as error:  # submitit re-raises the job's exception (FailedJobError with the traceback)
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        log = getattr(getattr(job, "paths", None), "stderr", None)
+        return Failure(call.name, lines[-1] if lines else type(error).__name__, str(log) if log else None)
+    return None
+
+
+def run_calls(calls: Iterable[Call], settings: ExecutorSettings, folder: str | Path,
+              on_done: Callable[[Call], None] | None = None, progress: bool = True) -> list[Failure]:
+    """Run ``calls`` as ``settings`` say; ``on_done`` after each finished one (in this process, in the
+    order they finish). Returns the failures (a failed run does not stop the others)."""
+    calls = list(calls)
+    folder = Path(folder)
+    failures: list[Failure] = []
+    bar = progress_bar(None, progress, total=len(calls), desc=f"sweep ({settings.kind})")
+
+    def finished(call: Call, failure: Failure | None) -> None:
+        if failure is not None:
+            failures.append(failure)
+        elif on_done is not None:
+            on_done(call)
+        bar.update(1)
+
+    try:
+        if settings.kind == "inline":
+            for call in calls:
+                call.function(*call.args)  # errors propagate: in this process a traceback is the best report
+                finished(call, None)
+        else:
+            _run_jobs(calls, settings, folder, finished)
+    finally:
+        bar.close()
+    return failures
+
+
+def _run_jobs(calls: list[Call], settings: ExecutorSettings, folder: Path,
+              finished: Callable[[Call, Failure | None], None]) -> None:
+
+    if settings.kind == "slurm":
+        pending = submit_slurm(calls, settings, folder)
+        queue: list[Call] = []
+    else:
+        pending, queue = [], list(calls)
+    counter = itertools.count()
+    while pending or queue:
+        while queue and len(pending) < settings.parallel:
+            call = queue.pop(0)
+            executor = local_executor(settings, folder, next(counter))
+            pending.append((call, executor.submit(call.function, *call.args)))
+        still = []
+        for call, job in pending:
+            if job.done():
+                finished(call, _failure(call, job))
+            else:
+                still.append((call, job))
+        pending = still
+        if pending:
+            time.sleep(settings.poll_seconds)
+
+
+def raise_failures(failures: list[Failure], total: int) -> None:
+    if failures:
+        lines = [f"  {f.name}: {f.error}" + (f" (log: {f.log})" if f.log else "") for f in failures]
+        raise SweepError(f"{len(failures)} of {total} run(s) failed:\n" + "\n".join(lines))
