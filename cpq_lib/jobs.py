@@ -15,6 +15,8 @@ copy of a still running job wait for the first and then read its record.
 from __future__ import annotations
 
 import itertools
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,9 @@ def slurm_executor(settings: ExecutorSettings, folder: Path):
     """submitit's AutoExecutor for Slurm: one job per run, submitted as one array."""
     import submitit
 
+    if shutil.which("srun") is None or shutil.which("sbatch") is None:
+        raise ConfigError("executor 'slurm' needs Slurm's srun and sbatch on PATH: start the sweep on a login node "
+                          "of the cluster (or use --executor local)")
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     extra = {f"slurm_{key}": value for key, value in settings.slurm_args.items()}
     executor.update_parameters(
@@ -132,13 +137,20 @@ def submit_slurm(calls: list[Call], settings: ExecutorSettings, folder: Path) ->
     return list(zip(calls, jobs))
 
 
+def _error_line(message: str) -> str:
+    """The exception line of a job's traceback (submitit wraps it between dashed lines), else the first line."""
+    blocks = re.split(r"^-{10,}$", message, flags=re.M)
+    body = blocks[1] if len(blocks) >= 3 else message
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    return (lines[-1] if len(blocks) >= 3 else lines[0]) if lines else ""
+
+
 def _failure(call: Call, job: Any) -> Failure | None:
     try:
         job.result()
     except Exception as error:  # submitit re-raises the job's exception (FailedJobError with the traceback)
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
         log = getattr(getattr(job, "paths", None), "stderr", None)
-        return Failure(call.name, lines[-1] if lines else type(error).__name__, str(log) if log else None)
+        return Failure(call.name, _error_line(str(error)) or type(error).__name__, str(log) if log else None)
     return None
 
 

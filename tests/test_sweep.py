@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pandas as pd
 import pytest
@@ -54,7 +55,7 @@ KILLER = textwrap.dedent('''
     trainer.atomic_torch_save = save_then_die
     main(sys.argv[1:])
 ''')
-GRID = ["--grid", "allocation.method=uniform,random", "--set", "refine.epochs=2", "--no-progress"]
+GRID = ["--grid", "allocation.method=uniform,random", "--set", "refine.epochs=2", "--no-progress", "--executor", "inline"]
 
 
 def _sweep(args, cwd):
@@ -81,4 +82,41 @@ def test_sweep_resumes_after_sigkill_without_redoing_finished_runs(tmp_path, qui
     resumed, uninterrupted = (pd.read_csv(out / "results.csv") for out in (killed, clean))
     exact = ["run", "average_bits", "val_before", "test_before", "val_after", "test_after", "evaluations"]
     pd.testing.assert_frame_equal(resumed[exact], uninterrupted[exact])  # resumption changes no number
+    assert len(resumed) == 2
+
+
+LOCAL = ["--grid", "allocation.method=uniform,random", "--set", "refine.epochs=2", "--no-progress",
+         "--executor", "local", "--parallel", "1"]
+
+
+@pytest.mark.slow
+def test_a_local_process_sweep_resumes_after_its_driver_is_killed(tmp_path, quick_baseline_dir):
+    """The driver dies (SIGKILL) after the first run finished; its job processes live on. Started again,
+    it skips the finished run, waits for (or redoes) the other one, and no run is computed twice."""
+    out, clean = tmp_path / "killed", tmp_path / "clean"
+    for folder in (out, clean):
+        shutil.copytree(quick_baseline_dir, folder / "shared" / "baseline")
+    driver = subprocess.Popen([sys.executable, "-m", "cpq_lib.sweep", "--out", str(out), *LOCAL], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    deadline = time.monotonic() + 300
+    while not list((out / "runs").glob("*/record.json")):
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no run finished in 300 s"
+        time.sleep(0.2)
+    driver.kill()
+    driver.wait()
+    (finished,) = (out / "runs").glob("*/record.json")
+    stamp, content = finished.stat().st_mtime_ns, finished.read_bytes()
+    second = _sweep(["-m", "cpq_lib.sweep", "--out", str(out), *LOCAL], tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert finished.stat().st_mtime_ns == stamp and finished.read_bytes() == content  # not redone
+    for run in (out / "runs").iterdir():  # each refinement epoch ran once: no run was computed twice
+        log = [json.loads(line) for line in (run / "refine_log.jsonl").read_text().splitlines() if line]
+        assert [entry["epoch"] for entry in log] == [1, 2], run.name
+    assert len(list((out / "jobs").glob("*_result.pkl"))) >= 2  # the runs went through job processes
+    inline = [*LOCAL[:-4], "--executor", "inline"]
+    assert _sweep(["-m", "cpq_lib.sweep", "--out", str(clean), *inline], tmp_path).returncode == 0
+    resumed, uninterrupted = (pd.read_csv(folder / "results.csv") for folder in (out, clean))
+    exact = ["run", "average_bits", "val_before", "test_before", "val_after", "test_after", "evaluations"]
+    pd.testing.assert_frame_equal(resumed[exact], uninterrupted[exact])  # processes change no number
     assert len(resumed) == 2
