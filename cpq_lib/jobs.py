@@ -43,6 +43,8 @@ class ExecutorSettings:
     ``timeout_min``: wall-time limit of each job (Slurm ``--time``; local jobs are stopped after it).
     ``setup``: shell lines run before each job (``module load ...``, ``source venv/bin/activate``).
     ``slurm_args``: further sbatch options, e.g. ``{"qos": "normal", "constraint": "h100"}``.
+    ``runs_per_job``: runs one job executes in turn; a fresh process costs seconds (imports, compiled
+    kernels), which is most of a `quick` run, so small runs are worth grouping.
     """
 
     kind: str = "local"
@@ -56,6 +58,7 @@ class ExecutorSettings:
     mem_gb: float | None = None
     setup: tuple[str, ...] = ()
     slurm_args: dict[str, Any] = field(default_factory=dict)
+    runs_per_job: int = 1
     job_name: str = "cpq-sweep"
     poll_seconds: float = 0.5
 
@@ -66,6 +69,8 @@ class ExecutorSettings:
             raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
             raise ConfigError(f"gpus_per_job must be >= 0, got {self.gpus_per_job}")
+        if self.runs_per_job < 1:
+            raise ConfigError(f"runs_per_job must be >= 1, got {self.runs_per_job}")
         if self.timeout_min < 1:
             raise ConfigError(f"timeout_min must be >= 1 minute, got {self.timeout_min}")
         if self.kind != "slurm" and (self.partition or self.account or self.slurm_args):

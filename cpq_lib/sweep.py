@@ -120,11 +120,25 @@ def write_results(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def run_one(profile: str, overrides: dict[str, Any], run_dir: str, shared_dir: str) -> str:
-    """One run of a sweep in a fresh process (a local or Slurm job); returns its record's path."""
-    config = make_config(profile, overrides)
-    run_experiment(config, run_dir, shared_dir=shared_dir, progress=False)
-    return str(Path(run_dir) / RECORD)
+def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str) -> list[str]:
+    """Runs of a sweep, one after another, in a fresh process (a local or Slurm job); returns their
+    records' paths. Every run is attempted; failures are raised together at the end."""
+    data_cache: dict[str, Any] = {}
+    done, failed = [], []
+    for overrides, run_dir in runs:
+        try:
+            config = make_config(profile, overrides)
+            key = json.dumps(config.to_dict()["data"], sort_keys=True)
+            if key not in data_cache and not (Path(run_dir) / RECORD).is_file():
+                configure_runtime(config.seed, config.threads, config.deterministic)
+                data_cache[key] = load_data(config)
+            run_experiment(config, run_dir, shared_dir=shared_dir, data=data_cache.get(key), progress=False)
+            done.append(str(Path(run_dir) / RECORD))
+        except Exception as error:  # noqa: BLE001 - reported per run below, the others still run
+            failed.append(f"{Path(run_dir).name}: {type(error).__name__}: {error}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return done
 
 
 def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
@@ -152,7 +166,10 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         todo = [(i, o) for (i, _), o in zip(configs, runs) if not (out / "runs" / i / RECORD).is_file()]
         if any(config.deterministic for _, config in configs):
             set_portable_environment()  # jobs inherit it: pinned kernels before they import torch
-        calls = [Call(i, run_one, (profile, {**(base or {}), **o}, str(out / "runs" / i), str(shared))) for i, o in todo]
+        groups = [todo[k:k + settings.runs_per_job] for k in range(0, len(todo), settings.runs_per_job)]
+        calls = [Call(",".join(i for i, _ in group), run_group,
+                      (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared)))
+                 for group in groups]
         failures = run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
         frame = write_results(out)
         raise_failures(failures, len(calls))
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="local: one process per run (default); slurm: a submitit job array; inline: this process")
     jobs.add_argument("--parallel", type=int, default=1, help="most runs at once (local processes / Slurm array cap)")
     jobs.add_argument("--gpus-per-job", type=int, default=None, help="default: 1 on Slurm; locally 1 if CUDA is available")
+    jobs.add_argument("--runs-per-job", type=int, default=1, help="runs one job executes in turn (saves start-up)")
     jobs.add_argument("--timeout-min", type=int, default=24 * 60, help="wall-time limit per run (minutes)")
     jobs.add_argument("--partition", default=None, help="Slurm partition")
     jobs.add_argument("--account", default=None, help="Slurm account")
@@ -212,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             key, value = item.split("=", 1)
             slurm_args[key.strip().replace("-", "_")] = value
         settings = ExecutorSettings(kind=args.executor, parallel=args.parallel, gpus_per_job=args.gpus_per_job,
-                                    timeout_min=args.timeout_min, partition=args.partition, account=args.account,
+                                    timeout_min=args.timeout_min, runs_per_job=args.runs_per_job, partition=args.partition, account=args.account,
                                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, setup=tuple(args.setup),
                                     slurm_args=slurm_args)
         frame = run_sweep(args.profile, axes, args.out, base, progress=not args.no_progress, executor=settings)
