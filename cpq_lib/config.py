@@ -59,6 +59,10 @@ class TrainConfig:
     gamma: float = _f(0.1, min=0.0, max=1.0)
     label_smoothing: float = _f(0.0, min=0.0, max=0.99)
     channels_last: bool = True
+    # torch.compile of the training step (objective, forward and backward) and of evaluation: "auto" is
+    # on for CUDA (CUDA graphs, mode "reduce-overhead": the ResNet-20 step is bound by kernel launches)
+    # and off on the CPU (compiling costs more than the small CPU runs gain, and changes their last bits)
+    compile: str = _f("auto", choices=("auto", "on", "off"))
 
 
 @dataclass

@@ -89,3 +89,47 @@ def test_per_class_and_calibration_loaders(digits):
     train = digits.train.images.float().div(255).flatten(1)
     # every calibration image is a training image (never validation or test)
     assert all((train == image.flatten()).all(dim=1).any() for image in calibration[:20])
+
+
+def _random_images(n=37, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return ImageTensors(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator), torch.arange(n) % 5)
+
+
+def _epochs(loader, epochs=3):
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        out.append([(x.cpu(), y.cpu()) for x, y in loader])
+    return out
+
+
+@pytest.mark.parametrize("augment", [None, Augment(pad=2, flip=True), Augment(pad=0, flip=True), Augment(pad=3, flip=False)])
+@pytest.mark.parametrize("batch_size,drop_last", [(8, False), (8, True), (37, False), (50, False)])
+def test_device_resident_path_makes_the_same_batches_as_the_cpu_path(augment, batch_size, drop_last):
+    """The GPU path (images kept on the device, an epoch's draws made up front) run on CPU tensors:
+    the same images, crops, flips and labels as the CPU path, batch for batch, for several epochs."""
+    data = _random_images()
+    kwargs = dict(batch_size=batch_size, shuffle=True, augment=augment, seed=5, drop_last=drop_last)
+    plain = _epochs(TensorBatchLoader(data, **kwargs))
+    resident = _epochs(TensorBatchLoader(data, resident=True, **kwargs))
+    assert len(plain[0]) == len(TensorBatchLoader(data, **kwargs)) and len(plain[0]) > 0
+    for epoch_plain, epoch_resident in zip(plain, resident):
+        assert len(epoch_plain) == len(epoch_resident)
+        for (x1, y1), (x2, y2) in zip(epoch_plain, epoch_resident):
+            assert x1.dtype == x2.dtype == torch.float32 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    if augment is not None and (augment.pad or augment.flip):
+        assert not torch.equal(plain[0][0][0], plain[1][0][0])  # the augmentation really varies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_resident_batches_equal_the_cpu_path_and_stay_on_the_device():
+    data = _random_images(200)
+    kwargs = dict(batch_size=64, shuffle=True, augment=Augment(pad=4, flip=True), seed=1)
+    cuda_loader = TensorBatchLoader(data, device="cuda", **kwargs)
+    assert cuda_loader.resident
+    x, y = next(iter(cuda_loader))
+    assert x.is_cuda and y.is_cuda
+    for (x1, y1), (x2, y2) in zip(_epochs(TensorBatchLoader(data, **kwargs))[1], _epochs(cuda_loader)[1]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert data.on("cuda") is data.on("cuda")  # copied to the device once

@@ -8,6 +8,8 @@ training data chosen by a recorded seed; the test split is only for final report
 from __future__ import annotations
 
 import os
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,11 +73,14 @@ class DataBundle:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
-    def train_loader(self, batch_size: int, seed: int, augment: bool = True) -> TensorBatchLoader:
-        return TensorBatchLoader(self.train, batch_size, shuffle=True, augment=self.augment if augment else None, seed=seed)
+    def train_loader(self, batch_size: int, seed: int, augment: bool = True,
+                     device: str | torch.device = "cpu") -> TensorBatchLoader:
+        """Shuffled, augmented training batches made on ``device`` (on CUDA from images kept there)."""
+        return TensorBatchLoader(self.train, batch_size, shuffle=True, augment=self.augment if augment else None, seed=seed,
+                                 device=device)
 
-    def eval_loader(self, split: str, batch_size: int = 500) -> TensorBatchLoader:
-        return TensorBatchLoader(self.part(split), batch_size)
+    def eval_loader(self, split: str, batch_size: int = 500, device: str | torch.device = "cpu") -> TensorBatchLoader:
+        return TensorBatchLoader(self.part(split), batch_size, device=device)
 
     def per_class_loader(self, per_class: int, split: str = "train", seed: int = 0, batch_size: int = 250) -> TensorBatchLoader:
         """``per_class`` images of every class (fewer if a class has fewer), for class-importance scoring."""

@@ -4,6 +4,12 @@ torch's DataLoader with per-image PIL transforms spends most of a CIFAR epoch in
 indexing a uint8 tensor and cropping/flipping the whole batch at once costs almost nothing.
 Every epoch's order and augmentation come from a generator seeded by (seed, epoch), so a run
 resumed after a kill sees exactly the batches an uninterrupted run would.
+
+On a GPU the images live on the device (uint8, copied once per data set and device) and batches are
+gathered, cropped and flipped there: the random draws still come from the CPU generator, in the
+same order as the CPU path, but all of an epoch's draws are made up front and copied in one
+non-blocking transfer, so the device path makes the same crops and flips and the epoch needs no
+host round trip per batch.
 """
 
 from __future__ import annotations
@@ -24,26 +30,46 @@ class Augment:
     flip: bool = True
 
 
-def random_crop_flip(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (after padding) and flip of a uint8 or float (N, C, H, W) batch."""
-    n, _, height, width = images.shape
+def draw_crop_flip(n: int, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of :func:`random_crop_flip` for ``n`` images: (offset_y, offset_x, flip), each (n,)."""
     if augment.pad > 0:
-        padded = torch.nn.functional.pad(images, (augment.pad,) * 4)
         offset_y = torch.randint(0, 2 * augment.pad + 1, (n,), generator=generator)
         offset_x = torch.randint(0, 2 * augment.pad + 1, (n,), generator=generator)
-        rows = (offset_y[:, None] + torch.arange(height))[:, None, :, None]
-        cols = (offset_x[:, None] + torch.arange(width))[:, None, None, :]
-        batch_index = torch.arange(n)[:, None, None, None]
-        channel_index = torch.arange(images.shape[1])[None, :, None, None]
+    else:
+        offset_y = offset_x = torch.zeros(n, dtype=torch.long)
+    flip = torch.rand(n, generator=generator) < 0.5 if augment.flip else torch.zeros(n, dtype=torch.bool)
+    return offset_y, offset_x, flip
+
+
+def apply_crop_flip(images: torch.Tensor, augment: Augment, offset_y: torch.Tensor, offset_x: torch.Tensor,
+                    flip: torch.Tensor) -> torch.Tensor:
+    """Crop (after zero padding) and flip a batch as drawn; runs wherever ``images`` and the draws are."""
+    n, channels, height, width = images.shape
+    device = images.device
+    if augment.pad > 0:
+        padded = torch.nn.functional.pad(images, (augment.pad,) * 4)
+        rows = (offset_y[:, None] + torch.arange(height, device=device))[:, None, :, None]
+        cols = (offset_x[:, None] + torch.arange(width, device=device))[:, None, None, :]
+        batch_index = torch.arange(n, device=device)[:, None, None, None]
+        channel_index = torch.arange(channels, device=device)[None, :, None, None]
         images = padded[batch_index, channel_index, rows, cols]
     if augment.flip:
-        flip = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     return images
 
 
+def random_crop_flip(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (after padding) and flip of a uint8 or float (N, C, H, W) batch."""
+    return apply_crop_flip(images, augment, *draw_crop_flip(images.shape[0], augment, generator))
+
+
 class TensorBatchLoader:
-    """Iterates (float images in [0, 1], labels) batches over an :class:`ImageTensors`."""
+    """Iterates (float images in [0, 1], labels) batches over an :class:`ImageTensors`.
+
+    ``device``: where batches are made. ``resident`` (default: on CUDA) keeps the images on the device
+    and augments there with the epoch's draws made up front; ``resident=True`` on the CPU runs the same
+    code on CPU tensors (which is how its equivalence to the CPU path is tested without a GPU).
+    """
 
     def __init__(
         self,
@@ -53,6 +79,8 @@ class TensorBatchLoader:
         augment: Augment | None = None,
         seed: int = 0,
         drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        resident: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -62,6 +90,8 @@ class TensorBatchLoader:
         self.augment = augment
         self.seed = seed
         self.drop_last = drop_last
+        self.device = torch.device(device)
+        self.resident = self.device.type == "cuda" if resident is None else resident
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -75,9 +105,37 @@ class TensorBatchLoader:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        if self.resident:
+            yield from self._resident_batches(order, starts, generator)
+            return
+        for start in starts:
             index = order[start : start + self.batch_size]
             images = self.data.images[index]
             if self.augment is not None:
                 images = random_crop_flip(images, self.augment, generator)
-            yield images.float().div_(255.0), self.data.labels[index]
+            images, labels = images.float().div_(255.0), self.data.labels[index]
+            if self.device.type != "cpu":
+                images, labels = images.to(self.device), labels.to(self.device)
+            yield images, labels
+
+    def _resident_batches(self, order: torch.Tensor, starts: range,
+                          generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stored = self.data.on(self.device)
+        sizes = [min(self.batch_size, len(order) - start) for start in starts]
+        if self.augment is not None:  # the CPU path's draws, in its order: order, then batch by batch
+            draws = [draw_crop_flip(size, self.augment, generator) for size in sizes]
+            offset_y, offset_x, flip = (torch.cat([d[k] for d in draws]) if draws else torch.zeros(0) for k in range(3))
+            host = torch.stack([order[: sum(sizes)], offset_y, offset_x, flip.long()])
+        else:
+            host = order[: sum(sizes)][None]
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        plan = host.to(self.device, non_blocking=True)  # one transfer per epoch
+        for start, size in zip(starts, sizes):
+            index = plan[0, start : start + size]
+            images = stored.images[index]
+            if self.augment is not None:
+                images = apply_crop_flip(images, self.augment, plan[1, start : start + size],
+                                         plan[2, start : start + size], plan[3, start : start + size].bool())
+            yield images.float().div_(255.0), stored.labels[index]

@@ -44,6 +44,16 @@ class ImageTensors:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def on(self, device: str | torch.device) -> "ImageTensors":
+        """This data on ``device``; the copy is made once and kept (training reads it every epoch)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if str(device) not in copies:
+            copies[str(device)] = ImageTensors(self.images.to(device), self.labels.to(device))
+        return copies[str(device)]
+
     def subset(self, indices: np.ndarray | torch.Tensor) -> "ImageTensors":
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageTensors(self.images[index], self.labels[index])

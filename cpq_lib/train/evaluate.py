@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from ..devices import check_model_device
 from ..progress import progress as progress_bar
@@ -41,9 +42,8 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
     was_training = model.training
     model.eval()
     fmt = memory_format_of(model)
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    loss_sum = 0.0
+    correct = total = None
+    loss_sum = None
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images, labels in progress_bar(batches, progress, desc=desc, leave=False):
         images = images.to(device).contiguous(memory_format=fmt)
@@ -51,14 +51,18 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
         logits = model(images)
         if logits.shape[1] != num_classes:
             raise ValueError(f"class count mismatch: the model outputs {logits.shape[1]} classes, the data has {num_classes}")
-        loss_sum += float(criterion(logits, labels))
-        hits = (logits.argmax(1) == labels).long().cpu()
-        labels = labels.cpu()
-        correct.index_add_(0, labels, hits)
-        total.index_add_(0, labels, torch.ones_like(labels))
+        if loss_sum is None:  # sums stay on the device until the end: no host round trip per batch
+            loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+            correct = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+            total = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+        loss_sum += criterion(logits, labels).double()
+        one_hot = F.one_hot(labels, num_classes)  # exact integer sums, deterministic on every device
+        total += one_hot.sum(0)
+        correct += (one_hot * (logits.argmax(1) == labels).long()[:, None]).sum(0)
     model.train(was_training)
-    count = int(total.sum())
-    if count == 0:
+    if loss_sum is None or int(total.sum()) == 0:
         raise ValueError("evaluation data is empty")
+    correct, total = correct.cpu(), total.cpu()
+    count = int(total.sum())
     per_class = [float(c) / float(t) if t else float("nan") for c, t in zip(correct, total)]
-    return EvalResult(float(correct.sum()) / count, loss_sum / count, per_class, count, [int(t) for t in total])
+    return EvalResult(float(correct.sum()) / count, float(loss_sum) / count, per_class, count, [int(t) for t in total])

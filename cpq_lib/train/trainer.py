@@ -2,6 +2,12 @@
 
 Exact resumption needs no saved RNG state: each epoch's shuffling, augmentation and torch seed are
 derived from (seed, epoch), and the learning rate is a pure function of the step.
+
+Nothing in an epoch waits for the device: losses, hit counts and the non-finite-loss check accumulate
+on it and are read once per epoch; on CUDA the batches come from images kept on the GPU, the
+learning rate is a device tensor filled from the epoch's schedule (fused SGD reads it there), and
+the step can run as CUDA graphs (``compile``). A loss that turns non-finite is reported at the end of
+its epoch, before anything is saved, so the state on disk is still the last good epoch.
 """
 
 from __future__ import annotations
@@ -51,14 +57,56 @@ def cross_entropy(label_smoothing: float = 0.0) -> Objective:
     return objective
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD; learnable quantizer scales get no weight decay (decay would shrink the clipping ranges)."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: torch.Tensor | None = None) -> torch.optim.SGD:
+    """SGD; learnable quantizer scales get no weight decay (decay would shrink the clipping ranges).
+
+    ``lr``: a one-element CUDA tensor every group reads its learning rate from, with the fused
+    implementation (one kernel for all parameters, no host read of the rate); default a float.
+    """
     scales = [p for n, p in model.named_parameters() if ".weight_quantizer." in f".{n}" or ".input_quantizer." in f".{n}"]
     ids = {id(p) for p in scales}
     weights = [p for p in model.parameters() if id(p) not in ids]
     groups = [{"params": weights}] + ([{"params": scales, "weight_decay": 0.0}] if scales else [])
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    fused = {"fused": True} if lr is not None else {}
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
+    _share_lr(optimizer, lr)
+    return optimizer
+
+
+def _share_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor | None) -> None:
+    """Every group reads the one rate tensor (also after ``load_state_dict``, which puts in copies)."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def compile_mode(cfg: TrainConfig, device: str | torch.device) -> str | None:
+    """The torch.compile mode the config asks for on ``device`` (None: eager)."""
+    on_cuda = torch.device(device).type == "cuda"
+    if cfg.compile == "off" or (cfg.compile == "auto" and not on_cuda):
+        return None
+    return "reduce-overhead" if on_cuda else "default"
+
+
+def compiled_step(objective: "Objective", model: nn.Module, mode: str | None):
+    """``forward(images, labels) -> (loss, logits)``: the objective with the model, compiled when asked
+    (teacher, student and loss in one graph; backward compiled with it). With CUDA graphs the outputs
+    live in the graph's memory until the next replay, which is why callers consume them in the step."""
+    def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return objective(model, images, labels)
+
+    if mode is None:
+        return forward
+    compiled = torch.compile(forward, mode=mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def graph_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier outputs may be reused
+        return compiled(images, labels)
+
+    return graph_step
 
 
 def _load_state(path: Path, expected: dict) -> dict | None:
@@ -102,11 +150,17 @@ def train_model(
     values a resumed state must have been made with (e.g. the bit plan of a quantized student).
     """
     check_model_device(model, device, "train_model")
+    on_cuda = torch.device(device).type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    optimizer = make_optimizer(model, cfg)
+    lr_now = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if on_cuda else None
+    optimizer = make_optimizer(model, cfg, lr_now)
     objective = objective or cross_entropy(cfg.label_smoothing)
-    loader = data.train_loader(cfg.batch_size, seed=seed)
+    mode = compile_mode(cfg, device)
+    forward = compiled_step(objective, model, mode)
+    eval_model = torch.compile(model, mode=mode) if mode is not None else model
+    loader = data.train_loader(cfg.batch_size, seed=seed, device=device)
+    eval_loader = data.eval_loader(eval_split, device=device)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     max_steps = getattr(cfg, "max_steps", None)
@@ -124,6 +178,7 @@ def train_model(
         model.load_state_dict(state["model"])
         model.to(memory_format=fmt)
         optimizer.load_state_dict(state["optimizer"])
+        _share_lr(optimizer, lr_now)
         result.history = list(state["history"])
         result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
         result.seconds = float(state["seconds"])
@@ -137,32 +192,51 @@ def train_model(
         torch.manual_seed(seed * 100_003 + epoch)
         loader.set_epoch(epoch)
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step_in_epoch, (images, labels) in enumerate(progress_bar(loader, progress, desc=f"epoch {epoch + 1}", leave=False)):
-            step = epoch * steps_per_epoch + step_in_epoch
-            if step >= total_steps:  # a step budget ends inside this epoch
+        first_step = epoch * steps_per_epoch
+        steps = max(0, min(steps_per_epoch, total_steps - first_step))
+        rates = [learning_rate(first_step + i, total_steps, cfg.lr, cfg.schedule, warmup_steps=warmup_steps,
+                               milestones=tuple(cfg.milestones), gamma=cfg.gamma) for i in range(steps)]
+        rate_table = torch.tensor(rates, dtype=torch.float32).to(device, non_blocking=True) if on_cuda else None
+        # per-epoch sums on the device (float64, as Python floats summed them: the same numbers)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        seen = 0
+        batches = progress_bar(loader, progress, desc=f"epoch {epoch + 1}", leave=False, total=steps)
+        for step_in_epoch, (images, labels) in enumerate(batches):
+            if step_in_epoch >= steps:  # a step budget ends inside this epoch
                 break
-            lr = learning_rate(step, total_steps, cfg.lr, cfg.schedule,
-                               warmup_steps=warmup_steps, milestones=tuple(cfg.milestones), gamma=cfg.gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            if rate_table is not None:
+                lr_now.copy_(rate_table[step_in_epoch])
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = rates[step_in_epoch]
             images = images.to(device).contiguous(memory_format=fmt)
             labels = labels.to(device)
-            loss, logits = objective(model, images, labels)
-            if not torch.isfinite(loss):  # stop before non-finite weights are saved as a "trained" model
-                raise TrainingError(
-                    f"training loss is {float(loss.detach())} at epoch {epoch + 1}, step {step_in_epoch + 1} (lr {lr:.4g}); "
-                    f"lower the learning rate or check the data; the last finished epoch's state is kept"
-                )
+            loss, logits = forward(images, labels)
+            loss_value = loss.detach()
+            first_bad = (bad_step < 0) & ~torch.isfinite(loss_value)
+            bad_step = torch.where(first_bad, step_in_epoch, bad_step)
+            bad_loss = torch.where(first_bad, loss_value, bad_loss)
+            loss_sum += loss_value.double() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * labels.shape[0]
-            correct += int((logits.detach().argmax(1) == labels).sum())
-            seen += labels.shape[0]
-        validation = evaluate(model, data.eval_loader(eval_split), data.num_classes, device)
+        lr = rates[-1] if rates else learning_rate(first_step, total_steps, cfg.lr, cfg.schedule,
+                                                   warmup_steps=warmup_steps, milestones=tuple(cfg.milestones),
+                                                   gamma=cfg.gamma)
+        if int(bad_step) >= 0:  # stop before non-finite weights are saved as a "trained" model
+            at = int(bad_step)
+            raise TrainingError(
+                f"training loss is {float(bad_loss)} at epoch {epoch + 1}, step {at + 1} (lr {rates[at]:.4g}); "
+                f"lower the learning rate or check the data; the last finished epoch's state is kept"
+            )
+        validation = evaluate(eval_model, eval_loader, data.num_classes, device)
         result.seconds += time.perf_counter() - started
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
                   f"{eval_split}_loss": validation.loss, f"{eval_split}_accuracy": validation.accuracy,
                   "seconds": result.seconds}
         result.history.append(record)
