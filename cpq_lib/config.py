@@ -61,7 +61,8 @@ class TrainConfig:
     channels_last: bool = True
     # torch.compile of the training step (objective, forward and backward) and of evaluation: "auto" is
     # on for CUDA (CUDA graphs, mode "reduce-overhead": the ResNet-20 step is bound by kernel launches)
-    # and off on the CPU (compiling costs more than the small CPU runs gain, and changes their last bits)
+    # except for quantized students (see cpq_lib.train.trainer.compile_mode), and off on the CPU
+    # (compiling costs more than the small CPU runs gain, and changes their last bits)
     compile: str = _f("auto", choices=("auto", "on", "off"))
 
 

@@ -68,3 +68,28 @@ def test_bench_coding_records_exact_round_trips(bench):
     ans = record["coders"]["ans"]
     assert 1.0 <= ans["payload_over_entropy"] < 1.05 and ans["encode_weights_per_s"] > 0
     assert record["coders"]["zstd"]["encode_vs_zstd"] == 1.0
+
+
+def test_bench_gpu_says_so_and_exits_0_without_a_gpu(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("bench_gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert module.main([]) == 0
+    assert "no CUDA device on this machine" in capsys.readouterr().out
+
+
+def test_bench_gpu_goals_are_judged_as_the_issue_states(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    goals = importlib.import_module("bench_gpu").goals
+    fp32 = {"task": "fp32", "batch": 128, "trainer_vs_pure": 1.10, "trainer_compiled_vs_pure": 1.0,
+            "epoch_seconds": {"pure": 1.6, "trainer": 1.76, "trainer_compiled": 1.6}}
+    qat = {"task": "qat_kd", "batch": 128, "trainer_vs_pure": 1.2, "trainer_compiled_vs_pure": 0.9,
+           "epoch_seconds": {"pure": 3.0, "trainer": 3.6, "trainer_compiled": 3.2}}
+    found = goals([fp32, qat])
+    assert found["fp32 b128 trainer_vs_pure"]["met"]  # within 10%: met at exactly 1.10
+    assert not found["fp32 b128 trainer_compiled_vs_pure"]["met"]  # must be below the pure step
+    assert found["fp32 b128 400 epochs (s)"] == {"value": 640.0, "goal": 600.0, "met": False}
+    assert not found["qat_kd b128 trainer_vs_pure"]["met"] and found["qat_kd b128 trainer_compiled_vs_pure"]["met"]
+    assert found["qat_kd vs fp32 b128 (compiled trainer)"] == {"value": 2.0, "goal": 2.0, "met": True}

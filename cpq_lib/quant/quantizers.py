@@ -376,6 +376,8 @@ class ActivationQuantizer(nn.Module):
 
     def _inference_arguments(self, qmin: int, qmax: int) -> tuple[torch.Tensor, ...]:
         """Kernel scalars, rebuilt only when scale, zero point or range change (saves ~5 ops per call)."""
+        if torch.compiler.is_compiling():  # inside a compiled graph the cache is just a guard to recompile on
+            return inference_arguments(safe_scale(self.scale), self.zero_point, qmin, qmax)
         key = (self.scale.data_ptr(), self.scale._version, self.zero_point.data_ptr(), self.zero_point._version, qmin, qmax)
         if self._arguments is None or self._arguments[0] != key:
             self._arguments = (key, inference_arguments(safe_scale(self.scale), self.zero_point, qmin, qmax))

@@ -81,10 +81,21 @@ def _share_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor | None) -> None
             group["lr"] = lr
 
 
-def compile_mode(cfg: TrainConfig, device: str | torch.device) -> str | None:
-    """The torch.compile mode the config asks for on ``device`` (None: eager)."""
+def has_fake_quantizers(model: nn.Module) -> bool:
+    return any(hasattr(module, "weight_quantizer") or hasattr(module, "input_quantizer") for module in model.modules())
+
+
+def compile_mode(cfg: TrainConfig, device: str | torch.device, model: nn.Module | None = None) -> str | None:
+    """The torch.compile mode the config asks for on ``device`` (None: eager).
+
+    "auto" leaves quantized students eager: their quantizers read small state buffers on the host
+    (bits, initialised, sign), which breaks the graph at every layer; on the CPU the compiled QAT+KD
+    step measured 1.66x slower than eager (benchmarks/bench_gpu.py --device cpu). "on" compiles anyway.
+    """
     on_cuda = torch.device(device).type == "cuda"
     if cfg.compile == "off" or (cfg.compile == "auto" and not on_cuda):
+        return None
+    if cfg.compile == "auto" and model is not None and has_fake_quantizers(model):
         return None
     return "reduce-overhead" if on_cuda else "default"
 
@@ -98,6 +109,9 @@ def compiled_step(objective: "Objective", model: nn.Module, mode: str | None):
 
     if mode is None:
         return forward
+    # each call compiles a new closure; dynamo would count that as a recompile of the same code and,
+    # past its cache limit (8), silently run eager: start from clean caches instead
+    torch.compiler.reset()
     compiled = torch.compile(forward, mode=mode)
     if mode != "reduce-overhead":
         return compiled
@@ -156,7 +170,7 @@ def train_model(
     lr_now = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if on_cuda else None
     optimizer = make_optimizer(model, cfg, lr_now)
     objective = objective or cross_entropy(cfg.label_smoothing)
-    mode = compile_mode(cfg, device)
+    mode = compile_mode(cfg, device, model)
     forward = compiled_step(objective, model, mode)
     eval_model = torch.compile(model, mode=mode) if mode is not None else model
     loader = data.train_loader(cfg.batch_size, seed=seed, device=device)
