@@ -41,7 +41,7 @@ def test_settings_are_validated():
 @pytest.mark.parametrize("parallel", [1, 3])
 def test_local_processes_respect_the_parallelism_cap(tmp_path, parallel):
     done = []
-    calls = [Call(f"r{i}", stamp_interval, (str(tmp_path), f"r{i}", 1.0)) for i in range(3)]
+    calls = [Call(f"r{i}", stamp_interval, (str(tmp_path), f"r{i}", 2.0)) for i in range(3)]
     settings = ExecutorSettings(kind="local", parallel=parallel, local_gpus=0, poll_seconds=0.1)
     failures = run_calls(calls, settings, tmp_path / "jobs", on_done=lambda call: done.append(call.name), progress=False)
     assert failures == [] and sorted(done) == ["r0", "r1", "r2"]
@@ -50,7 +50,7 @@ def test_local_processes_respect_the_parallelism_cap(tmp_path, parallel):
     if parallel == 1:
         assert overlapping == 0  # one at a time
     else:
-        assert overlapping == 2  # all three at once (each sleeps 1 s; process start-up is shorter than that)
+        assert overlapping == 2  # all three at once (each sleeps 2 s; they start within a fraction of that)
     pids = {p.name.split("_")[0] for p in (tmp_path / "jobs").glob("*_result.pkl")}
     assert len(pids) == 3  # a process per run
 
