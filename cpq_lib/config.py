@@ -21,6 +21,7 @@ from .fileio import atomic_write_text
 
 PROFILES = ("quick", "cifar10", "paper")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
 
 
 def _f(default: Any, **meta: Any) -> Any:
@@ -109,7 +110,8 @@ class ExperimentConfig:
     seed: int = _f(0, min=0)
     device: str = _f("auto", choices=DEVICES)
     threads: int | None = _f(None, min=1, max=1024)  # None: torch's default (one per core)
-    deterministic: bool = False  # deterministic kernels and CPU instruction set (see cpq_lib.runtime)
+    deterministic: bool = False  # deterministic kernels and CPU code paths pinned (see cpq_lib.runtime)
+    dtype: str = _f("float32", choices=DTYPES)  # default float precision of models and data (quick: float64)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -197,8 +199,9 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 
 def _profile_defaults(profile: str) -> dict[str, Any]:
     if profile == "quick":
-        # one thread and pinned kernels: the stored notebooks' numbers reproduce bit for bit (cpq_lib.runtime)
-        return {"profile": "quick", "threads": 1, "deterministic": True, "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
+        # one thread, pinned kernels and float64: the stored notebooks' checked outputs hold on any x86-64
+        # CPU, and their numbers reproduce bit for bit (cpq_lib.runtime)
+        return {"profile": "quick", "threads": 1, "deterministic": True, "dtype": "float64", "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
                 "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0},
                 "allocation": {"images_per_class": 50, "search_images": None},
                 "refine": {"epochs": 3, "batch_size": 64, "lr": 0.01}}

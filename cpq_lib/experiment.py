@@ -31,7 +31,7 @@ from .fileio import atomic_torch_save, atomic_write_json
 from .pipeline import baseline_model, class_scores, final_report, load_data
 from .provenance import run_record
 from .quant import BitPlan, QuantConfig, calibrate_, model_summary, quantize_
-from .runtime import configure_runtime
+from .runtime import configure_for
 from .train import Distillation, train_model
 
 RECORD = "record.json"
@@ -103,7 +103,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
     record_path = run / RECORD
     shared = Path(shared_dir) if shared_dir is not None else run
     started = time.perf_counter()
-    configure_runtime(config.seed, config.threads, config.deterministic)
+    configure_for(config)
     device = config.resolved_device()
     data = data if data is not None else load_data(config)
     search_data = data.for_search()
@@ -144,7 +144,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
     # the final report: the only place the test split is read
     before = quantized_student(teacher, config, search_data, device)
     before.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
-    example = data.val.images[:1].float().div(255.0).to(device)
+    example = data.val.images[:1].to(torch.get_default_dtype()).div(255.0).to(device)
     results = {
         "allocator": a.method, "target": {"weight_bits": a.weight_bits, "act_bits": a.act_bits,
                                           "max_bits": a.weight_bits + a.slack, "label": Target(a.weight_bits, a.act_bits, a.slack).label()},

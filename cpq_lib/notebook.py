@@ -20,8 +20,8 @@ from .data import DataBundle
 from .fileio import atomic_write_json
 from .pipeline import load_data
 from .plots import save_figure, set_style
-from .provenance import run_record
-from .runtime import configure_runtime
+from .provenance import package_summary, run_record
+from .runtime import configure_for
 
 RUN_DIR_ENV = "CPQ_RUN_DIR"
 FIGURES_DIR_ENV = "CPQ_FIGURES_DIR"
@@ -50,10 +50,12 @@ class NotebookContext:
         return record
 
     def summary(self) -> str:
+        """Configuration, numerics and package versions (the first line a notebook prints)."""
         c = self.config
         return (f"profile={c.profile} seed={c.seed} device={self.device} data={c.data.name} "
                 f"model={c.model.name}{' (pretrained)' if c.model.pretrained else ''} "
-                f"threads={self.runtime['threads']} cpu={self.runtime['cpu_capability']}")
+                f"threads={self.runtime['threads']} cpu={self.runtime['cpu_capability']} dtype={self.runtime['dtype']}\n"
+                f"{package_summary()}")
 
 
 def _folder(explicit: str | None, env: str, default: str) -> Path:
@@ -70,7 +72,7 @@ def setup(profile: str = "quick", seed: int = 0, data_root: str | None = None, d
     if data_root:
         values["data.root"] = str(data_root)
     config = make_config(profile, values)
-    runtime = configure_runtime(config.seed, config.threads, config.deterministic)
+    runtime = configure_for(config)
     set_style()
     data = load_data(config)
     return NotebookContext(config, data, _folder(run_dir, RUN_DIR_ENV, f"../runs/{profile}"),

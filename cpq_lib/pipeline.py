@@ -62,8 +62,8 @@ def final_report(model: nn.Module, data: DataBundle, device: str) -> dict[str, A
             "per_class_test_accuracy": dict(zip(data.classes, test.per_class_accuracy))}
 
 
-# the code a trained baseline depends on: a cached one made by other code is trained again
-BASELINE_CODE = ("config", "data", "models", "runtime", "train")
+# the code a trained baseline depends on (the pinned CPU code paths included): a cached one made by other code is trained again
+BASELINE_CODE = ("config", "cpu_env", "data", "models", "runtime", "train")
 
 
 def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os.PathLike, *,
@@ -82,7 +82,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
     model = model.to(memory_format=torch.contiguous_format)
     card = {
         "model": config.model.name, "model_kwargs": kwargs, "data": data.describe(),
-        "seed": config.seed, "epochs": result.epochs_completed, "train": dataclasses.asdict(config.train),
+        "seed": config.seed, "dtype": parameter_dtype(model), "epochs": result.epochs_completed, "train": dataclasses.asdict(config.train),
         "wall_time_seconds": round(result.seconds, 1), "history": result.history,
         **final_report(model, data, device),
         "command": command or "python -m cpq_lib.train " + shlex.join(sys.argv[1:]),
@@ -91,6 +91,15 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
     save_checkpoint(model, out / "model.pt", card)
     atomic_write_json(card, out / "model.json")
     return model, card
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_dtype(model: nn.Module) -> str:
+    """The float precision a model was trained in (a cached baseline is reused only in the same one)."""
+    return dtype_name(next(model.parameters()).dtype)
 
 
 def baseline_folder(run_dir: str | os.PathLike, seed: int) -> Path:
@@ -122,6 +131,7 @@ def _cached_or_trained_baseline(config: ExperimentConfig, data: DataBundle, path
         same_run = (card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed
                     and card.get("model_kwargs") == model_kwargs(config, data)
                     and card.get("code_fingerprint") == code_fingerprint(*BASELINE_CODE)
+                    and card.get("dtype", "float32") == dtype_name(torch.get_default_dtype())
                     and card.get("data", {}).get("val_digest") == data.val_digest)
         if same_run:
             check_card_matches(card, data, path)

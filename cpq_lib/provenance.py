@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .lock import installed_versions, lock_status
 
 
 def git_commit(folder: Path | None = None) -> str | None:
@@ -49,12 +50,38 @@ def code_fingerprint(*parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
+KEY_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "matplotlib")  # what the numbers and figures depend on most
+
+
 def environment_record() -> dict[str, Any]:
+    """Code, interpreter, CPU code path, and every installed package with its version (and whether they
+    are the locked ones), so a number can be remade with exactly the environment that made it."""
+    packages = installed_versions()
     return {
         "cpq_version": __version__, "git_commit": git_commit(), "torch_version": str(torch.__version__),
         "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(), "machine": platform.machine(),
+        "dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+        "python": platform.python_version(), "machine": platform.machine(), "processor": cpu_model(),
+        "packages": packages, "lock": lock_status(packages),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), e.g. to tell an Intel Xeon from an AMD EPYC run."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_summary(packages: dict[str, str] | None = None) -> str:
+    """One line: the key packages' versions, how many are installed, and whether they match the lock."""
+    packages = installed_versions() if packages is None else packages
+    key = ", ".join(f"{name} {packages[name]}" for name in KEY_PACKAGES if name in packages)
+    return f"python {platform.python_version()}, {key}; {len(packages)} packages, {lock_status(packages)}"
 
 
 def run_record(config: Any, results: dict[str, Any] | None = None) -> dict[str, Any]:

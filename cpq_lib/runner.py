@@ -17,7 +17,7 @@ from typing import Iterator
 
 from .config import DEVICES, PROFILES
 from .notebook import FIGURES_DIR_ENV, RUN_DIR_ENV
-from .runtime import set_portable_environment
+from .cpu_env import set_portable_environment
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"

@@ -38,7 +38,8 @@ from .experiment import RECORD, run_experiment, tidy_frame
 from .fileio import atomic_path
 from .jobs import EXECUTORS, Call, ExecutorSettings, raise_failures, run_calls
 from .pipeline import load_data
-from .runtime import configure_runtime, set_portable_environment
+from .cpu_env import set_portable_environment
+from .runtime import configure_for
 
 RESULTS = "results.csv"
 SHORT = {"allocation.method": "", "allocation.weight_bits": "W", "allocation.act_bits": "A", "seed": "s"}
@@ -130,7 +131,7 @@ def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: 
             config = make_config(profile, overrides)
             key = json.dumps(config.to_dict()["data"], sort_keys=True)
             if key not in data_cache and not (Path(run_dir) / RECORD).is_file():
-                configure_runtime(config.seed, config.threads, config.deterministic)
+                configure_for(config)
                 data_cache[key] = load_data(config)
             run_experiment(config, run_dir, shared_dir=shared_dir, data=data_cache.get(key), progress=False)
             done.append(str(Path(run_dir) / RECORD))
@@ -179,7 +180,7 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
     def run_here(identifier: str, config: ExperimentConfig) -> None:
         key = json.dumps(config.to_dict()["data"], sort_keys=True)
         if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
-            configure_runtime(config.seed, config.threads, config.deterministic)  # before anything computes
+            configure_for(config)  # before anything computes
             data_cache[key] = load_data(config)
         run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key), progress=progress)
 

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from cpq_lib.cpu_env import set_portable_environment
+
+# the code paths the stored notebooks were executed with (cpq_lib.cpu_env), set before anything in this
+# process imports torch or numpy; nbval's kernels and every subprocess inherit them
+set_portable_environment()
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ZIP = Path(os.environ.get("CPQ_SHARED_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"))
 
@@ -20,10 +26,20 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CPQ_FIGURES_DIR", str(scratch / "figures"))
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    # the kernels the stored notebooks were executed with (see cpq_lib.runtime), before torch computes
-    from cpq_lib.runtime import set_portable_environment
 
-    set_portable_environment()
+
+@pytest.fixture(autouse=True)
+def _restore_numerics():
+    """Library calls configure the process (run_experiment, notebook.setup: float64 and one thread for
+    `quick`); give every test the settings the session started with, whatever the one before it ran."""
+    import torch
+
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(scope="session")
@@ -75,15 +91,16 @@ def quick_baseline_dir(tmp_path_factory) -> Path:
 
     from cpq_lib.config import make_config
     from cpq_lib.pipeline import baseline_model, load_data
-    from cpq_lib.runtime import configure_runtime
+    from cpq_lib.runtime import configure_for
 
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     config = make_config("quick")
-    configure_runtime(config.seed, config.threads, config.deterministic)
+    configure_for(config)
     run = tmp_path_factory.mktemp("quick-run")
     try:
         baseline_model(config, load_data(config), run, progress=False)
     finally:  # give the rest of the session its threads and kernels back
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
+        torch.set_default_dtype(dtype)
     return run / "baseline"  # holds seed-0/

@@ -93,3 +93,10 @@ def test_bench_gpu_goals_are_judged_as_the_issue_states(monkeypatch):
     assert found["fp32 b128 400 epochs (s)"] == {"value": 640.0, "goal": 600.0, "met": False}
     assert not found["qat_kd b128 trainer_vs_pure"]["met"] and found["qat_kd b128 trainer_compiled_vs_pure"]["met"]
     assert found["qat_kd vs fp32 b128 (compiled trainer)"] == {"value": 2.0, "goal": 2.0, "met": True}
+
+
+def test_bench_precision_times_each_precision_in_its_own_process(bench):
+    record = bench("bench_precision", "--repeats", "1", "--epochs", "1")
+    assert set(record["seconds"]) == {"float32", "float64", "float64, MKL automatic branch"}
+    assert all(len(t) == 1 and t[0] > 0 for t in record["seconds"].values())
+    assert set(record["ratio_to_float32"]) == {"float64", "float64, MKL automatic branch"}

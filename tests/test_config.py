@@ -103,6 +103,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(monkeypatch):
     ({"train.milestones": [1.5]}, r"train.milestones\[0\]: 1.5 is above the maximum 1.0"),
     ({"threads": 0}, "threads: 0 is below the minimum 1"),
     ({"deterministic": 1}, "deterministic: expected true or false"),
+    ({"dtype": "float16"}, r"dtype: 'float16' is not allowed; choose one of \['float32', 'float64'\]"),
 ])
 def test_non_finite_and_out_of_range_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -120,8 +121,9 @@ def test_quick_profile_pins_the_runtime_and_cifar10_matches_the_shipped_card():
     from cpq_lib.models import pretrained_card
 
     quick = make_config("quick")
-    assert (quick.threads, quick.deterministic) == (1, True)
+    assert (quick.threads, quick.deterministic, quick.dtype) == (1, True, "float64")
     cifar = make_config("cifar10")
+    assert (cifar.deterministic, cifar.dtype) == (False, "float32")  # the fast path
     card = pretrained_card("resnet20", "cifar10")
     assert cifar.train.epochs == card["epochs"] == 200
     for key in ("batch_size", "lr", "weight_decay", "schedule", "label_smoothing", "nesterov"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cpq_lib"
-BOTTOM = {"config", "devices", "errors", "fileio", "progress", "provenance", "runtime", "data", "models"}
+BOTTOM = {"config", "cpu_env", "devices", "errors", "fileio", "lock", "progress", "provenance", "runtime", "data", "models"}
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}

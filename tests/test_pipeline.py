@@ -54,3 +54,18 @@ def test_a_cached_baseline_from_other_code_is_trained_again(digits, tmp_path, mo
     monkeypatch.setattr(pipeline, "code_fingerprint", lambda *parts: "changed")
     baseline_model(config, digits, tmp_path, progress=False)
     assert trained == [1]
+
+
+def test_a_cached_baseline_of_another_precision_is_trained_again(digits, tmp_path):
+    """A float32 baseline in the run folder must not stand in for the float64 one `quick` trains."""
+    config = make_config("quick", {"train.epochs": 1})
+    torch.set_default_dtype(torch.float32)  # the conftest fixture restores the session's precision
+    model32, card32 = baseline_model(config, digits, tmp_path, progress=False)
+    assert card32["dtype"] == "float32" and model32.classifier.weight.dtype == torch.float32
+    torch.set_default_dtype(torch.float64)
+    model64, card64 = baseline_model(config, digits, tmp_path, progress=False)
+    assert card64["dtype"] == "float64" and model64.classifier.weight.dtype == torch.float64
+    assert card64["history"] != card32["history"]  # trained again, in float64
+    with torch.no_grad():  # and the data the loaders give is in the same precision
+        images, _ = next(iter(digits.eval_loader("val")))
+        assert images.dtype == torch.float64 and model64.eval()(images).dtype == torch.float64

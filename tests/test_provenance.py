@@ -14,3 +14,21 @@ def test_run_record_carries_config_seed_and_environment():
     assert environment["git_commit"] is None or len(environment["git_commit"].split("+")[0]) == 40
     assert json.loads(json.dumps(record)) == record  # plain JSON all the way down
     assert type(environment_record()["torch_version"]) is str
+
+
+def test_environment_record_names_every_package_and_the_lock():
+    import numpy
+    import torch
+
+    environment = environment_record()
+    assert environment["packages"]["numpy"] == numpy.__version__
+    assert environment["packages"]["torch"] == torch.__version__.split("+")[0] or environment["packages"]["torch"] == torch.__version__
+    assert environment["lock"].startswith(("matches", "differs", "no lock"))
+    assert environment["dtype"] in ("float32", "float64") and environment["processor"]
+
+
+def test_package_summary_line_has_the_key_versions():
+    from cpq_lib.provenance import package_summary
+
+    line = package_summary({"torch": "9.9", "numpy": "1.2", "left-pad": "0.1"})
+    assert line.startswith("python ") and "torch 9.9, numpy 1.2;" in line and "3 packages, differs from requirements.lock" in line

@@ -1,5 +1,6 @@
 """Properties of the fake-quantization primitive (hypothesis)."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -140,3 +141,33 @@ def test_asymmetric_grid_covers_the_range(x, bits):
     out = fake_quantize(x, scale, zero_point, qmin, qmax)
     assert ((out - x).abs() <= scale / 2 + 1e-4 * (1 + x.abs())).all()
     assert float(fake_quantize(torch.zeros(1), scale, zero_point, qmin, qmax)) == 0.0  # zero is exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["tensor", "channel", "asymmetric", "binary", "bounds-wider-than-x"])
+def test_in_place_path_equals_the_reference_chain_bit_for_bit(dtype, case):
+    from cpq_lib.quant.primitives import _dequantize, _quantize_codes, safe_scale
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 3, generator=g, dtype=dtype) * 3
+    scale = torch.rand(6, 1, 1, generator=g, dtype=dtype) + 0.05
+    zero_point, binary = None, None
+    bits = torch.tensor([2, 3, 4, 1, 8, 5]).view(6, 1, 1)
+    qmin, qmax = integer_range(bits, signed=True)
+    if case == "tensor":
+        scale, qmin, qmax = scale[0, 0, 0], qmin[2], qmax[2]
+    elif case == "asymmetric":
+        qmin, qmax = integer_range(bits, signed=False)
+        zero_point = torch.randint(0, 3, (6, 1, 1), generator=g).to(dtype)
+    elif case == "binary":
+        binary = bits == 1
+    elif case == "bounds-wider-than-x":  # per-channel bounds widen a per-tensor product: the out-of-place path
+        x, scale = x[:1], scale[0, 0, 0]
+    qmin, qmax = qmin.to(dtype), qmax.to(dtype)
+    safe = safe_scale(scale)
+    reference = _dequantize(_quantize_codes(x, 1.0 / safe, zero_point, qmin, qmax, binary), safe, zero_point)
+    with torch.no_grad():
+        result = fake_quantize(x, scale, zero_point, qmin, qmax, binary)
+    assert result.shape == reference.shape and result.dtype == reference.dtype
+    assert torch.equal(result, reference)
+    assert not torch.equal(result, x)  # it quantized something

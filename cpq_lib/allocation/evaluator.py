@@ -42,7 +42,7 @@ class SearchEvaluator:
         subset = data.subset("val", images, seed)
         self.images = len(subset)
         fmt = memory_format_of(model)
-        self.batches = [(subset.images[i:i + batch_size].float().div_(255.0).to(device).contiguous(memory_format=fmt),
+        self.batches = [(subset.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=fmt),
                          subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]
         self.num_classes = data.num_classes
         self.device = device

@@ -114,7 +114,7 @@ class TensorBatchLoader:
             images = self.data.images[index]
             if self.augment is not None:
                 images = random_crop_flip(images, self.augment, generator)
-            images, labels = images.float().div_(255.0), self.data.labels[index]
+            images, labels = images.to(torch.get_default_dtype()).div_(255.0), self.data.labels[index]
             if self.device.type != "cpu":
                 images, labels = images.to(self.device), labels.to(self.device)
             yield images, labels
@@ -138,4 +138,4 @@ class TensorBatchLoader:
             if self.augment is not None:
                 images = apply_crop_flip(images, self.augment, plan[1, start : start + size],
                                          plan[2, start : start + size], plan[3, start : start + size].bool())
-            yield images.float().div_(255.0), stored.labels[index]
+            yield images.to(torch.get_default_dtype()).div_(255.0), stored.labels[index]

@@ -23,7 +23,7 @@ from ..config import PROFILES, make_config
 from ..fileio import atomic_write_json
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
-from ..runtime import configure_runtime
+from ..runtime import configure_for
 from .reorder import REORDER_METHODS
 from .search import METRICS, ScaleSearchConfig
 from .study import DEFAULT_GRANULARITIES, SPLITS, markdown_report, ptqsl_study
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {out} is a folder; give a CSV file path", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    runtime = configure_runtime(config.seed, config.threads, config.deterministic)
+    runtime = configure_for(config)
     data = load_data(config)
     run_dir = Path(args.run_dir or Path("runs") / args.profile)
     model, _ = baseline_model(config, data, run_dir, progress=True)

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..quant.primitives import as_real
 from ..quant.quantizers import contiguous_groups
 from ..quant.transform import quantized_layers
 
@@ -56,7 +57,7 @@ def _groups_from_values(values: torch.Tensor, groups: int, method: str, seed: in
 
 def channel_ranges(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(max |w| per output channel, max |w| per input channel of a convolution group) of a weight (out, in, ...)."""
-    w = weight.detach().float().abs()
+    w = as_real(weight.detach()).abs()
     rows = w.reshape(w.shape[0], -1).amax(1)
     inputs = w.reshape(w.shape[0], w.shape[1], -1).amax(2).amax(0)
     return rows, inputs

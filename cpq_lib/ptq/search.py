@@ -44,7 +44,7 @@ from torch import nn
 from ..devices import check_model_device
 from ..progress import progress as progress_bar
 from ..quant.modules import QuantizedLayer
-from ..quant.primitives import fake_quantize
+from ..quant.primitives import as_real, fake_quantize
 from ..quant.quantizers import ActivationQuantizer, WeightQuantizer
 from ..quant.transform import quantized_layers
 
@@ -82,7 +82,7 @@ class ScaleSearchConfig:
     def factors(self) -> torch.Tensor:
         """Candidate multipliers of the start scale: the paper's grid, then 1.0 (the start itself)."""
         grid = self.alpha + torch.arange(self.steps + 1, dtype=torch.float64) * (self.beta - self.alpha) / self.steps
-        return torch.cat([grid, torch.ones(1, dtype=torch.float64)]).float()
+        return torch.cat([grid, torch.ones(1, dtype=torch.float64)]).to(torch.get_default_dtype())
 
 
 class _StopForward(Exception):
@@ -157,7 +157,7 @@ def _float_targets(float_model: nn.Module, names: list[str], batches: list, conf
             flat = _outputs_2d(module, output)
             pick = _sample_index(flat.shape[1], per_batch, _rng(config.seed, index, state["batch"]))
             picks[name].append(pick)
-            outputs[name].append((flat if pick is None else flat[:, pick]).detach().float().cpu())
+            outputs[name].append(as_real((flat if pick is None else flat[:, pick]).detach()).cpu())
             if with_gradient:
                 live.append((name, module, output, pick))
         return hook
@@ -177,7 +177,7 @@ def _float_targets(float_model: nn.Module, names: list[str], batches: list, conf
                     grads = torch.autograd.grad(loss, [output for _, _, output, _ in live])
                 for (name, module, _, pick), grad in zip(live, grads):
                     flat = _outputs_2d(module, grad)
-                    gradients[name].append((flat if pick is None else flat[:, pick]).float().cpu() ** 2)
+                    gradients[name].append(as_real(flat if pick is None else flat[:, pick]).cpu() ** 2)
                 live.clear()
             else:
                 float_model(images.to(device))
@@ -198,7 +198,7 @@ def _quantized_inputs(model: nn.Module, layer: nn.Module, batches: list, picks: 
     def hook(module, inputs):
         columns = _columns(module, inputs[0])
         pick = picks[len(collected)]
-        collected.append((columns if pick is None else columns[:, :, pick]).float().cpu())
+        collected.append(as_real(columns if pick is None else columns[:, :, pick]).cpu())
         raise _StopForward
 
     handle = layer.register_forward_pre_hook(hook)
@@ -256,7 +256,7 @@ def _activation_grid(quantizer: ActivationQuantizer | None) -> tuple[int, int, t
     if quantizer is None or not quantizer.enabled or int(quantizer.bits) < 2:
         return None  # off, or 0/1 bit: nothing to search
     qmin, qmax = quantizer._grid()
-    return qmin, qmax, (None if quantizer.symmetric else quantizer.zero_point.float().cpu())
+    return qmin, qmax, (None if quantizer.symmetric else quantizer.zero_point.to(torch.get_default_dtype()).cpu())
 
 
 def _quantize_columns(columns: torch.Tensor, quantizer: ActivationQuantizer | None, scale: torch.Tensor | None,
@@ -268,7 +268,7 @@ def _quantize_columns(columns: torch.Tensor, quantizer: ActivationQuantizer | No
         return fake_quantize(columns, scale, zero_point, qmin, qmax)
     if quantizer is None or not quantizer.enabled:
         return columns
-    return quantizer(columns.to(device)).float().cpu()  # 0 / 1-bit grids: the quantizer itself
+    return as_real(quantizer(columns.to(device))).cpu()  # 0 / 1-bit grids: the quantizer itself
 
 
 class _WeightBlocks:
@@ -277,7 +277,7 @@ class _WeightBlocks:
     def __init__(self, quantizer: WeightQuantizer, weight: torch.Tensor) -> None:
         if not quantizer.symmetric:
             raise ValueError("scale search supports symmetric weight quantizers (PTQ-SL's setting); got an asymmetric one")
-        self.weight = weight.detach().float().cpu().reshape(weight.shape[0], -1)
+        self.weight = as_real(weight.detach()).cpu().reshape(weight.shape[0], -1)
         self.row_groups = quantizer.row_groups.cpu()
         self.col_groups = quantizer.col_groups.cpu()
         qmin, qmax, binary = quantizer.grid()
@@ -390,14 +390,14 @@ def _search_layer(model: nn.Module, name: str, layer: QuantizedLayer, batches: l
     quantizer = layer.weight_quantizer
     columns = _quantized_inputs(model, layer, batches, picks, device)
     blocks = _WeightBlocks(quantizer, layer.weight)
-    bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+    bias = None if layer.bias is None else as_real(layer.bias.detach()).cpu()
     n_v = quantizer.blocks[0]
     objective = _LayerObjective(config.metric, target, gradient, blocks.row_groups, n_v)
-    scale0 = quantizer.scale.detach().float().cpu().clone()
+    scale0 = as_real(quantizer.scale.detach()).cpu().clone()
     scale = scale0.clone()
     act = layer.input_quantizer
     act_grid = _activation_grid(act) if config.search_activations else None
-    act_start = act.scale.detach().float().cpu().clone() if act is not None else None
+    act_start = as_real(act.scale.detach()).cpu().clone() if act is not None else None
     act_scale = act_start.clone() if act_start is not None else None
 
     def inputs_now() -> torch.Tensor:

@@ -67,6 +67,12 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return (codes - zero_point) * scale if zero_point is not None else codes * scale
 
 
+def as_real(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a float of at least single precision: float64 stays float64 (the `quick` profile computes
+    in it), half and bfloat16 and integers become float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x.float()
+
+
 def safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.abs().clamp_min(MIN_SCALE)
 
@@ -128,9 +134,32 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     qmin_t = torch.as_tensor(qmin, dtype=x.dtype, device=x.device)
     qmax_t = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
-        safe = safe_scale(scale)
-        return _dequantize(_quantize_codes(x, 1.0 / safe, zero_point, qmin_t, qmax_t, binary), safe, zero_point)
+        return _fake_quantize_no_grad(x, safe_scale(scale), zero_point, qmin_t, qmax_t, binary)
     return _FakeQuantize.apply(x, scale, zero_point, qmin_t, qmax_t, binary, grad_factor)
+
+
+def _fake_quantize_no_grad(x: torch.Tensor, safe: torch.Tensor, zero_point: torch.Tensor | None, qmin: torch.Tensor,
+                           qmax: torch.Tensor, binary: torch.Tensor | None) -> torch.Tensor:
+    """:func:`fake_quantize` without autograd, the same operations in place on one buffer.
+
+    Searches call it on (candidates x activations)-sized tensors; every out-of-place step allocated (and
+    page-faulted) another such tensor. Same arithmetic in the same order, so the results are identical
+    (tested). Operands that would widen the buffer's shape or dtype take the out-of-place path.
+    """
+    out = x * (1.0 / safe)
+    operands = [t for t in (zero_point, qmin, qmax, binary, safe) if t is not None]
+    if any(torch.broadcast_shapes(out.shape, t.shape) != out.shape or
+           (t.dtype != torch.bool and torch.result_type(out, t) != out.dtype) for t in operands):
+        return _dequantize(_quantize_codes(x, 1.0 / safe, zero_point, qmin, qmax, binary), safe, zero_point)
+    out.round_()
+    if zero_point is not None:
+        out.add_(zero_point)
+    out.clamp_(qmin, qmax)
+    if binary is not None:
+        out = torch.where(binary, torch.where(x >= 0, 1.0, -1.0), out)
+    if zero_point is not None:
+        out.sub_(zero_point)
+    return out.mul_(safe)
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

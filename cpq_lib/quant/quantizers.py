@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernels import fake_quantize_inference, inference_arguments
 from .primitives import (
-    MAX_BITS, safe_scale, integer_range_int, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
+    MAX_BITS, as_real, safe_scale, integer_range_int, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
     max_scale, quantize_to_codes,
 )
 
@@ -167,7 +167,7 @@ class WeightQuantizer(nn.Module):
     def initialize(self, weight: torch.Tensor, method: str | None = None) -> None:
         """Set scales (and zero points) from ``weight``: by max, or by the MSE-minimising multiple of it."""
         method = method or self.init_method
-        w2d = weight.detach().reshape(self.weight_shape[0], -1).float()
+        w2d = as_real(weight.detach().reshape(self.weight_shape[0], -1))
         shape = self.blocks
         block_bits = block_reduce(self.bits.float()[:, None].expand_as(w2d), self.row_groups, self.col_groups, shape, "amax")
         if self.symmetric:
@@ -181,7 +181,7 @@ class WeightQuantizer(nn.Module):
             high = block_reduce(w2d, self.row_groups, self.col_groups, shape, "amax")
             scale, zero_point = asymmetric_params(low, high, block_bits)
         if method == "mse":
-            scale = self._mse_search(weight.detach().float(), scale, zero_point)
+            scale = self._mse_search(as_real(weight.detach()), scale, zero_point)
             if zero_point is not None:  # keep the zero point consistent with the chosen scale
                 _, zero_point = self._zero_point_for(weight, scale, block_bits)
         self.scale.copy_(scale)
@@ -190,7 +190,7 @@ class WeightQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def _zero_point_for(self, weight, scale, block_bits):
-        w2d = weight.detach().reshape(self.weight_shape[0], -1).float()
+        w2d = as_real(weight.detach().reshape(self.weight_shape[0], -1))
         low = block_reduce(w2d, self.row_groups, self.col_groups, self.blocks, "amin").clamp_max(0.0)
         _, qmax = integer_range(block_bits, signed=False)
         return scale, torch.clamp(torch.round(-low / scale), torch.zeros_like(qmax), qmax)
@@ -297,7 +297,7 @@ class ActivationQuantizer(nn.Module):
         self._max = max(self._max, float(detached.max()))
         flat = detached.flatten()
         step = max(1, flat.numel() // self.SAMPLE_PER_BATCH)
-        self._samples.append(flat[::step][: self.SAMPLE_PER_BATCH].float().cpu())
+        self._samples.append(as_real(flat[::step][: self.SAMPLE_PER_BATCH]).cpu())
 
     @property
     def has_observations(self) -> bool:
@@ -370,7 +370,7 @@ class ActivationQuantizer(nn.Module):
         if not needs_grad:
             return fake_quantize_inference(x, self._inference_arguments(qmin, qmax), fused)
         if self.learnable:
-            zp = None if self.symmetric else self.zero_point.float()
+            zp = None if self.symmetric else self.zero_point.to(x.dtype)
             return fake_quantize(x, self.scale, zp, qmin, qmax, None, lsq_grad_factor(x[0].numel(), qmax))
         return fused()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import PROFILES, make_config
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
-from ..runtime import configure_runtime
+from ..runtime import configure_for
 from .pipeline import CompressionConfig, compress_model, save_results
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_file():
         print(f"error: --out {out} is a file; give a folder", file=sys.stderr)
         return 2
-    runtime = configure_runtime(config.seed, config.threads, config.deterministic)
+    runtime = configure_for(config)
     data = load_data(config)
     run_dir = Path(args.run_dir or Path("runs") / args.profile / "focused")
     model, _ = baseline_model(config, data, Path("runs") / args.profile if args.run_dir is None else run_dir.parent, progress=True)

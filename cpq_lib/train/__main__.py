@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import make_config
 from ..errors import CpqError
 from ..pipeline import load_data, train_baseline
-from ..runtime import configure_runtime
+from ..runtime import configure_for
 
 
 def parse_value(text: str):
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = parse_value(value)
     try:
         config = make_config(args.profile, overrides)
-        configure_runtime(config.seed, config.threads, config.deterministic)
+        configure_for(config)
         data = load_data(config)
         command = "python -m cpq_lib.train " + shlex.join(sys.argv[1:] if argv is None else argv)
         _, card = train_baseline(config, data, args.out, progress=not args.no_progress, command=command)
