@@ -75,12 +75,17 @@ def recorded_inputs_digest(path: str | Path = LOCK) -> str | None:
 
 
 def installed_versions() -> dict[str, str]:
-    """Every distribution installed in this environment, by canonical name."""
+    """Every distribution installed in this environment, by canonical name.
+
+    Copies that a package vendors (setuptools puts its ``_vendor`` folder on ``sys.path`` once imported)
+    are not installed distributions and would shadow the real ones' versions: skipped.
+    """
     versions = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
-        if name:
-            versions[canonicalize_name(name)] = dist.version
+        location = Path(str(getattr(dist, "_path", "")))
+        if name and not any(part in ("_vendor", "vendor", "_vendored") for part in location.parts):
+            versions.setdefault(canonicalize_name(name), dist.version)
     return dict(sorted(versions.items()))
 
 

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, then nbval on the stored notebooks. Arguments go to pytest.
+# The whole test suite: unit tests, then nbval on the stored notebooks, then a check that the figures
+# those notebook runs wrote equal the committed figures/quick/ byte for byte. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec "${CPQ_VENV:-.venv}/bin/python" -m pytest tests notebooks --nbval-lax --nbval-current-env "$@"
+python="${CPQ_VENV:-.venv}/bin/python"
+figures="$(mktemp -d)"
+trap 'rm -rf "$figures"' EXIT
+status=0
+CPQ_FIGURES_DIR="$figures" "$python" -m pytest tests notebooks --nbval-lax --nbval-current-env "$@" || status=$?
+"$python" scripts/compare_figures.py "$figures" || status=$(( status == 0 ? 1 : status ))
+exit "$status"

@@ -179,3 +179,14 @@ def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys
     assert ptq_main(["--report", str(tmp_path / "missing.csv")]) == 2 and ptq_main(["--profile", "quick"]) == 2
     assert ptq_main(["--out", str(tmp_path), "--profile", "quick"]) == 2
     assert ptq_main(["--out", str(out), "--rounds", "0"]) == 2
+
+
+def test_constant_accuracy_has_no_correlation_and_no_warning():
+    import warnings
+
+    table = pd.DataFrame([{"target": "W4A8", "granularity": g, "reorder": "none", "search": False, "scales": s, "val_accuracy": 0.9}
+                          for g, s in (("layer", 2), ("4x1", 8), ("channel", 100))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rho = granularity_correlation(table)
+    assert rho["spearman_rho"].isna().all() and rho["p_value"].isna().all() and len(rho) == 2

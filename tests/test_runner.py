@@ -47,6 +47,8 @@ def test_runner_executes_notebook_and_writes_figures(tmp_path, capfd):
     assert (tmp_path / "run" / "01_baseline.json").is_file()
     written = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert written == ["01_learning_curve.pdf", "01_learning_curve.png", "01_per_class_accuracy.pdf", "01_per_class_accuracy.png"]
+    committed = runner.REPO / "figures" / "quick"  # a fresh training run renders the committed figures byte for byte
+    assert [name for name in written if (tmp_path / "figures" / name).read_bytes() != (committed / name).read_bytes()] == []
     assert "without encryption" not in capfd.readouterr().err  # the kernel is started with transport keys
 
 

@@ -130,7 +130,11 @@ def _finished_rows(out: str | Path | None, splits: Sequence[str]) -> dict[tuple,
 
 
 def granularity_correlation(results: pd.DataFrame, accuracy: str = "val_accuracy") -> pd.DataFrame:
-    """Spearman's rho (and p) of accuracy vs number of scales per (target, reorder, search), and per target overall."""
+    """Spearman's rho (and p) of accuracy vs number of scales per (target, reorder, search), and per target overall.
+
+    A group whose accuracy is the same at every granularity has no rank correlation: NaN (shown as such),
+    not a warning.
+    """
     rows = []
     for keys, group in [*results.groupby(["target", "reorder", "search"]), *results.groupby(["target"])]:
         keys = keys if isinstance(keys, tuple) else (keys,)
@@ -138,7 +142,10 @@ def granularity_correlation(results: pd.DataFrame, accuracy: str = "val_accuracy
             keys = (keys[0], "all", "all")
         if group["scales"].nunique() < 3:
             continue
-        rho, p = spearmanr(group["scales"], group[accuracy])
+        if group[accuracy].nunique() < 2:
+            rho = p = float("nan")
+        else:
+            rho, p = spearmanr(group["scales"], group[accuracy])
         rows.append({"target": keys[0], "reorder": keys[1], "search": keys[2], "points": len(group),
                      "spearman_rho": float(rho), "p_value": float(p)})
     return pd.DataFrame(rows, columns=["target", "reorder", "search", "points", "spearman_rho", "p_value"])
