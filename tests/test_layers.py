@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cpq_lib"
-BOTTOM = {"config", "cpu_env", "devices", "errors", "fileio", "lock", "progress", "provenance", "runtime", "data", "models"}
+BOTTOM = {"artefacts", "config", "cpu_env", "devices", "errors", "fileio", "lock", "progress", "provenance", "runtime", "data", "models"}
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}
-TOP = {"pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
+TOP = {"cli", "pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
 FORBIDDEN = {
     **{name: CORE | TRAINING | METHODS | TOP for name in BOTTOM},
     "quant": TRAINING | METHODS | TOP,

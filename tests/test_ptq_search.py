@@ -178,7 +178,98 @@ def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys
     assert ptq_main(["--report", str(out)]) == 0 and "| W4A4 | sort + search |" in capsys.readouterr().out
     assert ptq_main(["--report", str(tmp_path / "missing.csv")]) == 2 and ptq_main(["--profile", "quick"]) == 2
     assert ptq_main(["--out", str(tmp_path), "--profile", "quick"]) == 2
-    assert ptq_main(["--out", str(out), "--rounds", "0"]) == 2
+    with pytest.raises(SystemExit) as exited:  # argparse refuses it
+        ptq_main(["--out", str(out), "--rounds", "0"])
+    assert exited.value.code == 2
+
+    # the same CSV with other row settings: refused, the CSV and its record untouched (they used to be rewritten)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    capsys.readouterr()
+    code = ptq_main(["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4",
+                     "--granularities", "layer", "2x2", "--reorders", "sort", "--calibration-images", "32", "--rounds", "3",
+                     "--positions", "64", "--metric", "l2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with other settings" in err and "search.positions: 2048 -> 64" in err, err
+    assert "search.rounds: 1 -> 3" in err and "calibration" in err and "choose another --out" in err
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+    # a new target extends the same study: allowed, the earlier rows are kept
+    assert ptq_main(["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4", "W3A8",
+                     "--granularities", "layer", "--calibration-images", "64", "--rounds", "1"]) == 0
+    extended = pd.read_csv(out)
+    assert len(extended) == 6 and extended.iloc[:4].equals(table)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--targets", "W4X8"], "target 'W4X8': expected W<bits>A<bits>"),
+    (["--targets", "W99A4"], "target 'W99A4'"),
+    (["--set", "model.name"], "--set expects KEY=VALUE"),
+    (["--set", "model.name=foo"], "'foo'"),
+    (["--set", "train.lr=nan"], "train.lr"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--out", "{file}/x.csv"], "is a file, so the folder cannot be made there"),
+    (["--out", "{tmp}"], "is a folder"),
+])
+def test_command_line_refuses_bad_arguments_before_loading_anything(argv, message, tmp_path, capsys, monkeypatch):
+    import torch
+
+    if argv == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the request is valid here")
+    from cpq_lib.ptq import __main__ as cli
+
+    monkeypatch.setattr(cli, "load_data", lambda config: pytest.fail("data loaded before the arguments were checked"))
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(file=tmp_path / "afile", tmp=tmp_path) for a in argv]
+    out = ["--out", str(tmp_path / "s.csv")] if "--out" not in argv else []
+    assert cli.main(["--profile", "quick", *out, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_command_line_refuses_a_calibration_of_zero_images(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        ptq_main(["--profile", "quick", "--out", str(tmp_path / "s.csv"), "--calibration-images", "0"])
+    assert exited.value.code == 2 and "--calibration-images: 0 is not allowed; give an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "is not a study CSV"), ("a,b\n1,2\n", "it lacks the columns ['target'"),
+    ("target,granularity,reorder,search,scales\nW4A8,layer,none,False,2\n", "it has no accuracy column"),
+    ("target,granularity,reorder,search,scales,val_accuracy\n", "it has no rows"),
+])
+def test_report_of_a_file_that_is_not_a_study_names_it(content, message, tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_text(content)
+    assert ptq_main(["--report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err, err
+    assert ptq_main(["--report", str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_study_refuses_a_csv_made_with_other_settings(digits_baseline, digits, tmp_path):
+    from cpq_lib.artefacts import ArtefactMismatchError, read_key_file
+
+    model, _ = digits_baseline
+    calibration = list(digits.calibration_loader(32, seed=0))
+    grains = {"layer": ("tensor", None)}
+    out = tmp_path / "study.csv"
+    ptqsl_study(model, digits, ["W4A8"], calibration, grains, searches=(False,), out=out, progress=False)
+    csv, key = out.read_bytes(), read_key_file(out)
+    assert key is not None and key.kind == "ptq-study"
+    for change in ({"calibration": list(digits.calibration_loader(32, seed=1))},
+                   {"search": ScaleSearchConfig(positions=64)}, {"exclude": ("@first",)}):
+        arguments = {"calibration": calibration, **change}
+        with pytest.raises(ArtefactMismatchError, match="made with other settings"):
+            ptqsl_study(model, digits, ["W4A8"], granularities=grains, searches=(False,), out=out, progress=False, **arguments)
+        assert out.read_bytes() == csv and read_key_file(out) == key
+    other_model = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other_model.parameters()).add_(1e-3)
+    with pytest.raises(ArtefactMismatchError, match="model"):
+        ptqsl_study(other_model, digits, ["W4A8"], calibration, grains, searches=(False,), out=out, progress=False)
+    (tmp_path / "study.csv.key.json").unlink()  # a CSV without a key is not extended either
+    with pytest.raises(ArtefactMismatchError, match="carries no key"):
+        ptqsl_study(model, digits, ["W4A8"], calibration, grains, searches=(False,), out=out, progress=False)
 
 
 def test_constant_accuracy_has_no_correlation_and_no_warning():

@@ -94,7 +94,7 @@ def test_module_straight_through_and_incremental_fraction():
 
 
 def test_bad_inputs_get_clear_errors():
-    with pytest.raises(ValueError, match="bits must be an integer >= 2"):
+    with pytest.raises(ValueError, match="bits must be an integer from 2"):
         plan_layer(_bimodal(), bits=1)
     with pytest.raises(ValueError, match="no non-zero weights"):
         plan_layer(torch.zeros(4, 4), bits=4)

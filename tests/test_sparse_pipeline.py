@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
+import torch
 
 from cpq_lib.config import TrainConfig
 from cpq_lib.sparse.pipeline import CompressionConfig, compress_model
@@ -36,8 +40,54 @@ def test_pipeline_stages_sizes_and_exact_resume(digits_baseline, digits, tmp_pat
     assert _summary(compress_model(model, digits, config, TRAIN, tmp_path / "a", progress=False)) == _summary(first)
 
 
+def test_a_run_with_other_settings_recomputes_instead_of_loading_stages(digits_baseline, digits, tmp_path):
+    """Stage files used to be keyed by their index only: a second run in the same folder loaded the first
+    run's models and reported their sizes and accuracies under its own settings."""
+    model, _ = digits_baseline
+    first = CompressionConfig(sparsity=0.8, prune_steps=1, bits=6, baseline_bits=6, fractions=(1.0,))
+    second = CompressionConfig(sparsity=0.5, prune_steps=1, bits=3, baseline_bits=3, fractions=(1.0,))
+    compress_model(model, digits, first, TRAIN, tmp_path / "shared", progress=False)
+    reused = compress_model(model, digits, second, TRAIN, tmp_path / "shared", progress=False)
+    fresh = compress_model(model, digits, second, TRAIN, tmp_path / "fresh", progress=False)
+    assert _summary(reused) == _summary(fresh)
+    weight = reused["models"]["focused"].get_submodule(reused["layers"]["layer"][0]).weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    # a later stage's change keeps the earlier stages: only the baseline is trained again
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shared").glob("*.pt")}
+    third = compress_model(model, digits, dataclasses.replace(second, baseline_bits=2), TRAIN, tmp_path / "shared", progress=False)
+    changed = {p.name for p in (tmp_path / "shared").glob("*.pt") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {"baseline.pt"}
+    assert third["stages"]["val_accuracy"].tolist()[:-1] == fresh["stages"]["val_accuracy"].tolist()[:-1]
+    # another float model (here: other weights) starts over
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    compress_model(other, digits, second, TRAIN, tmp_path / "shared", progress=False)
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in (tmp_path / "shared").glob("*.pt"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "--lr: -1 is not allowed; give a finite number > 0"), (["--lr", "nan"], "--lr: nan is not allowed"),
+    (["--bits", "17"], "--bits: 17 is not allowed; give an integer from 2 to 8"), (["--baseline-bits", "0"], "--baseline-bits"),
+    (["--prune-steps", "0"], "--prune-steps: 0 is not allowed"), (["--scope", "row"], "--scope: invalid choice"),
+])
+def test_command_line_refuses_bad_arguments_before_loading(argv, message, tmp_path, capsys, monkeypatch):
+    from cpq_lib.sparse import __main__ as cli
+
+    monkeypatch.setattr(cli, "load_data", lambda config: pytest.fail("data loaded before the arguments were checked"))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--out", str(tmp_path / "out"), *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    for bad in (["--out", str(tmp_path / "afile")], ["--out", str(tmp_path / "o"), "--run-dir", str(tmp_path / "afile" / "r")],
+                ["--out", str(tmp_path / "o"), "--sparsity", "1.5"]):
+        assert cli.main(bad) == 2 and capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("kwargs,message", [
-    ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"), ({"bits": 1}, "bits must be an integer >= 2"),
+    ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"), ({"bits": 1}, "bits must be an integer from 2"),
+    ({"bits": 17}, "bits must be an integer from 2 .* to 8, got 17"), ({"baseline_bits": 9}, "baseline_bits must be an integer from 1 to 8"),
     ({"fractions": (0.5, 0.25, 1.0)}, "fractions must rise"), ({"fractions": (0.5,)}, "end at 1"),
     ({"scope": "row"}, "scope 'row'"), ({"prune_steps": 0}, "prune_steps must be a positive integer"),
 ])

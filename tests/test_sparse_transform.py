@@ -62,7 +62,7 @@ def test_codes_feed_the_compression_table_and_bad_inputs():
     table = compression_table(model, codes, coders=("ans",))
     assert table.iloc[-1]["ratio"] > 1
     assert float_bits(model) == float_bits(_pruned()) == float_bits(build_model("digits_cnn", 10))  # fp32 reference unchanged
-    with pytest.raises(ValueError, match="layer 'features.0.0'.*bits must be an integer >= 2"):
+    with pytest.raises(ValueError, match="layer 'features.0.0'.*bits must be an integer from 2"):
         focus_quantize_(_pruned(), bits=1)
     untouched = _pruned()
     before = copy.deepcopy(untouched.state_dict())

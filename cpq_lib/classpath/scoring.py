@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
+from ..artefacts import ArtefactKey, state_fingerprint
 from ..devices import check_model_device
 from ..errors import CpqError
 from ..fileio import atomic_torch_save
 from ..progress import progress as progress_bar
-from ..provenance import code_fingerprint
 from ..quant.kernels import mean_abs, taylor_active, taylor_max
 from ..quant.transform import quantizable_layers
 from ..train.evaluate import memory_format_of
@@ -291,20 +291,11 @@ def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_n
                        [n for n in names if n in set(full_precision)], asdict(settings))
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """Hash of a model's state (weights and buffers), to key cached scores by checkpoint."""
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes() if value.dtype != torch.bfloat16 else b"")
-    return digest.hexdigest()[:16]
-
-
 def cached_scores(cache_dir: str | os.PathLike, model: nn.Module, data_key: dict[str, Any], compute, settings: ScoreSettings) -> ClassScores:
-    """Load scores for (model state, data, settings) from ``cache_dir`` or compute and store them."""
-    key_source = json.dumps({"model": state_fingerprint(model), "data": data_key, "settings": asdict(settings),
-                             "code": code_fingerprint(*SCORING_CODE)}, sort_keys=True)
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    """Load scores for (model state, data, settings, precision, code) from ``cache_dir`` or compute and store them."""
+    artefact = ArtefactKey.make("class-scores", {"model": state_fingerprint(model), "data": data_key, "settings": settings,
+                                                 "dtype": torch.get_default_dtype()}, SCORING_CODE)
+    key = artefact.digest
     path = Path(cache_dir) / f"scores-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):  # parallel runs of a sweep compute them once

@@ -11,6 +11,7 @@ sub-layerwise quantization beat channel-wise at an equal or smaller number of sc
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 from dataclasses import asdict
@@ -20,8 +21,12 @@ import pandas as pd
 from scipy.stats import spearmanr
 from torch import nn
 
+import torch
+
+from ..artefacts import ArtefactKey, check_same_key, read_key_file, state_fingerprint, write_key_file
 from ..fileio import atomic_write_text
 from ..progress import progress as progress_bar
+from ..quant.quantizers import check_bits
 from ..quant.transform import QuantConfig, calibrate_, quantize_, quantized_layers
 from ..train import evaluate
 from .reorder import REORDER_METHODS, reorder_channels_
@@ -38,14 +43,55 @@ SPLITS = ("train", "val", "test")
 
 def parse_target(target: str) -> tuple[int, int | None]:
     """'W4A8' -> (4, 8); 'W4' or 'W4Afp' -> (4, None)."""
+    expected = f"target {target!r}: expected W<bits>A<bits> (e.g. W4A8) or W<bits> for float activations"
     text = target.strip().upper()
     if not text.startswith("W"):
-        raise ValueError(f"target {target!r}: expected W<bits>A<bits> (e.g. W4A8) or W<bits> for float activations")
+        raise ValueError(expected)
     weight, _, act = text[1:].partition("A")
     try:
-        return int(weight), (None if act in ("", "FP") else int(act))
+        bits = int(weight), (None if act in ("", "FP") else int(act))
     except ValueError:
-        raise ValueError(f"target {target!r}: expected W<bits>A<bits> (e.g. W4A8) or W<bits> for float activations") from None
+        raise ValueError(expected) from None
+    for value, name in zip(bits, ("weight", "activation")):
+        if value is not None:
+            try:
+                check_bits(value, f"{name} bits")
+            except ValueError as exc:
+                raise ValueError(f"target {target!r}: {exc}") from None
+    return bits
+
+
+STUDY_CODE = ("ptq", "quant", "train/evaluate", "data")  # the code a row's numbers depend on
+
+
+def calibration_digest(calibration: Sequence) -> str:
+    """Hash of the calibration batches (images and labels) a study calibrates and searches on."""
+    digest = hashlib.sha256()
+    for images, labels in calibration:
+        for tensor in (images, labels):
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def study_key(model: nn.Module, data, calibration: Sequence, search: ScaleSearchConfig,
+              exclude: Sequence[str] | None = None) -> ArtefactKey:
+    """What a row of the study depends on beyond its own (target, granularity, reorder, search) labels:
+    the float model, the data, the calibration images, the search settings, the precision and the code.
+    Targets, granularities and splits are not in it: a study may be extended by rows of new ones."""
+    return ArtefactKey.make("ptq-study", {
+        "model": state_fingerprint(model), "dataset": data.name, "val_digest": data.val_digest,
+        "calibration": calibration_digest(calibration), "search": search,
+        "exclude": None if exclude is None else list(exclude), "dtype": torch.get_default_dtype()}, STUDY_CODE)
+
+
+def check_resumable(out: str | Path, key: ArtefactKey) -> None:
+    """A study CSV at ``out`` may be extended only by a run of the same settings; the error lists the differences."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give a CSV file path")
+    if out.exists():
+        check_same_key(read_key_file(out), key, out, f"choose another --out, or remove {out} (and {out.name}.key.json) to start over")
 
 
 def _variants(granularity: str, reorders: Sequence[str], searches: Sequence[bool]) -> list[tuple[str, bool]]:
@@ -64,7 +110,8 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
     ``calibration`` (training images with labels) calibrates and drives the search; ``splits`` are
     where accuracy is measured (the test split belongs in a final report only). With ``out``, the
     CSV is rewritten (atomically) after every configuration and rows already in it are not run again,
-    so a killed study resumes where it stopped.
+    so a killed study resumes where it stopped; ``<out>.key.json`` holds :func:`study_key`, and a CSV made
+    with other settings is refused (:class:`cpq_lib.artefacts.ArtefactMismatchError`), never mixed.
     """
     granularities = granularities or DEFAULT_GRANULARITIES
     search = search or ScaleSearchConfig()
@@ -76,6 +123,10 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
         raise ValueError(f"splits: {list(splits)} not allowed; choose one or more of {list(SPLITS)}")
     parsed = {t: parse_target(t) for t in targets}
     calibration = list(calibration)
+    key = study_key(model, data, calibration, search, exclude)
+    if out is not None:
+        check_resumable(out, key)
+        write_key_file(out, key)
     jobs = [(t, label, reorder, searched) for t in targets for label, (granularity, _) in granularities.items()
             for reorder, searched in _variants(granularity, reorders, searches)]
     all_jobs = list(jobs)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 MIN_BITS = 2
+MAX_BITS = 8  # 2^6 = 64 exponents already span 2^-63 of a layer's range: more bits add levels that underflow
 DEFAULT_SEPARATION = 2.0
 
 
@@ -53,8 +54,8 @@ class LayerMixture:
 
 
 def check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < MIN_BITS:
-        raise ValueError(f"bits must be an integer >= {MIN_BITS} (sign and exponent), got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer from {MIN_BITS} (sign and exponent) to {MAX_BITS}, got {bits!r}")
     return bits
 
 

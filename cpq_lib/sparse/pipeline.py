@@ -10,7 +10,10 @@
    against fp32 (:mod:`.compress`).
 
 Every fine-tuning run checkpoints each epoch (the trainer's resumable state) and every finished stage
-writes the model's state, so a killed pipeline resumes at its last epoch. Validation accuracy is
+writes the model's state, so a killed pipeline resumes at its last epoch. Each stage file carries the
+key of what made it (the float model's state, the data, the settings of this stage and of every stage
+before it, the code; :mod:`cpq_lib.artefacts`): a run with other settings in the same folder
+recomputes what differs instead of loading another run's models. Validation accuracy is
 recorded along the way; the test split is read once per final model.
 """
 
@@ -27,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..artefacts import ArtefactKey, load_artefact, save_artefact, state_fingerprint
 from ..config import TrainConfig
-from ..fileio import atomic_torch_save
 from ..quant.transform import excluded_names
 from ..train import evaluate, train_model
 from .compress import compression_table
@@ -58,7 +61,9 @@ class CompressionConfig:
         check_bits(self.bits)
         if self.scope not in SCOPES:
             raise ValueError(f"scope {self.scope!r} is not allowed; choose one of {list(SCOPES)}")
-        for name in ("prune_steps", "prune_epochs", "quant_epochs", "baseline_bits"):
+        if isinstance(self.baseline_bits, bool) or not isinstance(self.baseline_bits, int) or not 1 <= self.baseline_bits <= 8:
+            raise ValueError(f"baseline_bits must be an integer from 1 to 8 (2 to 256 shared weights), got {self.baseline_bits!r}")
+        for name in ("prune_steps", "prune_epochs", "quant_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "prune_epochs" else 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -72,10 +77,29 @@ def _layer_names(model: nn.Module, exclude) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in keep]
 
 
-def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: str, state: Path, progress: bool) -> None:
+# the code a stage's model depends on
+STAGE_CODE = ("sparse", "train", "quant", "data", "models")
+
+
+def stage_keys(model: nn.Module, data, config: CompressionConfig, train: TrainConfig) -> dict[str, ArtefactKey]:
+    """Keys of the three stage families; focused and baseline extend the pruning key (they start from it)."""
+    pruning = ArtefactKey.make("sparse/prune", {
+        "model": state_fingerprint(model), "dataset": data.name, "val_digest": data.val_digest, "train": train,
+        "sparsity": config.sparsity, "scope": config.scope, "prune_steps": config.prune_steps,
+        "prune_epochs": config.prune_epochs, "exclude": config.exclude, "seed": config.seed,
+        "dtype": torch.get_default_dtype()}, STAGE_CODE)
+    return {"prune": pruning,
+            "focused": pruning.extend("sparse/focused", {"bits": config.bits, "separation": config.separation,
+                                                         "fractions": config.fractions, "quant_epochs": config.quant_epochs}),
+            "baseline": pruning.extend("sparse/deep-compression", {"baseline_bits": config.baseline_bits,
+                                                                   "epochs": config.quant_epochs * len(config.fractions)})}
+
+
+def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: str, state: Path, progress: bool,
+               key: ArtefactKey) -> None:
     if epochs:
         train_model(model, data, dataclasses.replace(train, epochs=epochs), seed=seed, device=device, state_path=state,
-                    progress=progress, state_key={"stage": state.stem})
+                    progress=progress, state_key={"stage": state.stem, "artefact": key.digest}, restart_stale=True)
 
 
 def _accuracy(model, data, split: str, device: str) -> float:
@@ -90,18 +114,20 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     names = _layer_names(model, config.exclude)
     patterns = tuple(n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in names)
     stages = [{"stage": "float", "sparsity": 0.0, "val_accuracy": _accuracy(model, data, "val", device)}]
+    keys = stage_keys(model, data, config, train)
 
     pruned = copy.deepcopy(model)
     for step, target in enumerate(cubic_schedule(config.sparsity, config.prune_steps), start=1):
-        done = run_dir / f"prune-{step}.pt"
-        if done.is_file():
-            state = torch.load(done, weights_only=True)
+        done, key = run_dir / f"prune-{step}.pt", keys["prune"].extend("sparse/prune", {"step": step})
+        state = load_artefact(done, key)
+        if state is not None:
             prepare_masks_(pruned, pruned_names(state))
             pruned.load_state_dict(state)
         else:
             magnitude_prune_(pruned, target, config.scope, exclude=patterns)
-            _fine_tune(pruned, data, train, config.prune_epochs, config.seed + step, device, run_dir / f"prune-{step}.state", progress)
-            atomic_torch_save(pruned.state_dict(), done)
+            _fine_tune(pruned, data, train, config.prune_epochs, config.seed + step, device, run_dir / f"prune-{step}.state",
+                       progress, key)
+            save_artefact(pruned.state_dict(), done, key)
         stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": target,
                        "val_accuracy": _accuracy(pruned, data, "val", device)})
     make_permanent_(pruned)
@@ -109,13 +135,15 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     focused = copy.deepcopy(pruned)
     layers = focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed)
     for index, fraction in enumerate(config.fractions, start=1):
-        done = run_dir / f"focused-{index}.pt"
+        done, key = run_dir / f"focused-{index}.pt", keys["focused"].extend("sparse/focused", {"step": index})
         set_fraction_(focused, fraction)
-        if done.is_file():
-            focused.load_state_dict(torch.load(done, weights_only=True))
+        state = load_artefact(done, key)
+        if state is not None:
+            focused.load_state_dict(state)
         else:
-            _fine_tune(focused, data, train, config.quant_epochs, config.seed + 100 + index, device, run_dir / f"focused-{index}.state", progress)
-            atomic_torch_save(focused.state_dict(), done)
+            _fine_tune(focused, data, train, config.quant_epochs, config.seed + 100 + index, device,
+                       run_dir / f"focused-{index}.state", progress, key)
+            save_artefact(focused.state_dict(), done, key)
         stages.append({"stage": f"focused {fraction:.3g}", "sparsity": config.sparsity,
                        "val_accuracy": _accuracy(focused, data, "val", device)})
 
@@ -126,12 +154,13 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         codes, _ = quantize_with_codebook(module.weight, codebook)
         parametrize.register_parametrization(module, "weight", SharedWeight(codes, codebook))
     done = run_dir / "baseline.pt"
-    if done.is_file():
-        baseline.load_state_dict(torch.load(done, weights_only=True))
+    state = load_artefact(done, keys["baseline"])
+    if state is not None:
+        baseline.load_state_dict(state)
     else:
         _fine_tune(baseline, data, train, config.quant_epochs * len(config.fractions), config.seed + 200, device,
-                   run_dir / "baseline.state", progress)
-        atomic_torch_save(baseline.state_dict(), done)
+                   run_dir / "baseline.state", progress, keys["baseline"])
+        save_artefact(baseline.state_dict(), done, keys["baseline"])
     stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": config.sparsity,
                    "val_accuracy": _accuracy(baseline, data, "val", device)})
 

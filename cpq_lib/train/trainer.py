@@ -123,7 +123,7 @@ def compiled_step(objective: "Objective", model: nn.Module, mode: str | None):
     return graph_step
 
 
-def _load_state(path: Path, expected: dict) -> dict | None:
+def _load_state(path: Path, expected: dict, restart_stale: bool = False) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -134,6 +134,8 @@ def _load_state(path: Path, expected: dict) -> dict | None:
         raise CheckpointError(f"{path} is not a cpq training state (format {STATE_FORMAT!r})")
     for key, value in expected.items():
         if state.get(key) != value:
+            if restart_stale:  # a cache of another run's: start this run over
+                return None
             raise CheckpointError(
                 f"training state {path} was made with a different {key}: {state.get(key)!r} vs now {value!r}; "
                 f"use another state path or delete it"
@@ -155,13 +157,16 @@ def train_model(
     on_epoch: Callable[[dict], None] | None = None,
     objective: Objective | None = None,
     state_key: dict | None = None,
+    restart_stale: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps, if the config has
     one), validating on ``eval_split`` after each epoch. The model must already be on ``device``.
 
     ``objective(model, images, labels) -> (loss, logits)`` defaults to cross-entropy with the config's
     label smoothing (knowledge distillation: :class:`cpq_lib.train.Distillation`). ``state_key``: more
-    values a resumed state must have been made with (e.g. the bit plan of a quantized student).
+    values a resumed state must have been made with (e.g. the bit plan of a quantized student); a state
+    made otherwise is an error, or with ``restart_stale`` (the state is a cache of a keyed stage) ignored
+    and overwritten by this run's.
     """
     check_model_device(model, device, "train_model")
     on_cuda = torch.device(device).type == "cuda"
@@ -187,7 +192,7 @@ def train_model(
                 "dataset": data.name, **(state_key or {})}
     state_file = Path(state_path) if state_path is not None else None
     result = TrainResult()
-    state = _load_state(state_file, expected) if state_file is not None else None
+    state = _load_state(state_file, expected, restart_stale) if state_file is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         model.to(memory_format=fmt)
