@@ -22,11 +22,13 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from .artefacts import ArtefactKey, check_same_key, read_key_file, write_key_file
 from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
 from .allocation.report import plan_digest
 from .classpath import ScoreSettings
 from .config import ExperimentConfig
 from .data import DataBundle, SearchData
+from .errors import CpqError
 from .fileio import atomic_torch_save, atomic_write_json
 from .pipeline import baseline_model, class_scores, final_report, load_data
 from .provenance import run_record
@@ -38,6 +40,41 @@ RECORD = "record.json"
 SEARCH = "search.json"
 BEFORE = "before_refinement.pt"
 REFINE_STATE = "refine_state.pt"
+REFINE_LOG = "refine_log.jsonl"
+INTERMEDIATES = (SEARCH, BEFORE, REFINE_STATE, REFINE_LOG)  # remade when the run's key changes
+STALE_POLICIES = ("refuse", "recompute")
+# the code an experiment's numbers depend on: a record made by other code is not mixed with new ones
+EXPERIMENT_CODE = ("allocation", "classpath", "config", "cpu_env", "data", "experiment", "models", "pipeline", "quant",
+                   "runtime", "train")
+
+
+class RecordError(CpqError):
+    """A run's record file is damaged, or something else sits where it belongs."""
+
+
+def experiment_key(config: ExperimentConfig) -> ArtefactKey:
+    """What a run's record depends on: the configuration (less where the data lives) and the code."""
+    settings = config.to_dict()
+    settings.get("data", {}).pop("root", None)
+    return ArtefactKey.make("experiment", settings, EXPERIMENT_CODE)
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's ``record.json``, or RecordError naming the file and what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        raise RecordError(f"{path} is a folder where a run's record file belongs; remove it to run the run again")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path} is not a text file ({exc}); remove it to run the run again") from None
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}: damaged or "
+                          f"truncated); remove it to run the run again") from None
+    missing = [k for k in ("config", "results") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise RecordError(f"{path} is not a run record: it has no {missing}; remove it to run the run again")
+    return record
 
 
 def quantized_student(model: nn.Module, config: ExperimentConfig, data: SearchData, device: str) -> nn.Module:
@@ -81,25 +118,50 @@ def _load_search(path: Path) -> dict[str, Any] | None:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | os.PathLike, *, shared_dir: str | os.PathLike | None = None,
-                   data: DataBundle | None = None, progress: bool = True) -> dict[str, Any]:
+                   data: DataBundle | None = None, progress: bool = True, stale: str = "refuse") -> dict[str, Any]:
     """Run (or finish, or just read) the experiment ``config`` in ``run_dir``; returns its record.
 
     ``shared_dir`` holds what runs of one sweep share: the trained baseline and cached class scores
     (default: ``run_dir``). ``data``: an already loaded bundle for ``config.data`` (saves reloading).
+    A finished record made with another configuration or other code (:func:`experiment_key`) is refused
+    (``stale="refuse"``: it is somebody's result) or run again (``"recompute"``: ``run_dir`` is a
+    cache, as the notebooks' ``runs/`` is). Unfinished stages of another key are always remade.
     """
+    if stale not in STALE_POLICIES:
+        raise ValueError(f"stale: {stale!r} is not allowed; choose one of {list(STALE_POLICIES)}")
     run = Path(run_dir)
-    record_path = run / RECORD
-    if record_path.is_file():
-        return json.loads(record_path.read_text(encoding="utf-8"))
+    key = experiment_key(config)
+    record = _finished_record(run / RECORD, key, stale)
+    if record is not None:
+        return record
     run.mkdir(parents=True, exist_ok=True)
     with FileLock(str(run / ".lock")):  # a second process on this run (a restarted sweep) waits, then reads
-        if record_path.is_file():
-            return json.loads(record_path.read_text(encoding="utf-8"))
-        return _run_experiment(config, run, shared_dir, data, progress)
+        record = _finished_record(run / RECORD, key, stale)
+        if record is not None:
+            return record
+        if read_key_file(run / RECORD) != key:  # stages of another configuration or code: start over
+            for name in INTERMEDIATES:
+                (run / name).unlink(missing_ok=True)
+            write_key_file(run / RECORD, key)
+        return _run_experiment(config, run, shared_dir, data, progress, key)
+
+
+def _finished_record(path: Path, key: ArtefactKey, stale: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    record = read_record(path)
+    recorded = ArtefactKey.from_dict(record.get("artefact_key"))
+    if recorded == key:
+        return record
+    if stale == "recompute":
+        path.unlink()
+        return None
+    check_same_key(recorded, key, path, f"use another run folder (sweep --out), or remove {path.parent} to run it again")
+    return record
 
 
 def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.PathLike | None,
-                    data: DataBundle | None, progress: bool) -> dict[str, Any]:
+                    data: DataBundle | None, progress: bool, key: ArtefactKey) -> dict[str, Any]:
     record_path = run / RECORD
     shared = Path(shared_dir) if shared_dir is not None else run
     started = time.perf_counter()
@@ -135,7 +197,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
     refine_seconds = 0.0
     if refine.epochs > 0:
         trained = train_model(student, search_data, refine, seed=config.seed, device=device,
-                              state_path=run / REFINE_STATE, log_path=run / "refine_log.jsonl", progress=progress,
+                              state_path=run / REFINE_STATE, log_path=run / REFINE_LOG, progress=progress,
                               objective=Distillation(teacher, refine.alpha, refine.temperature),
                               state_key={"plan": plan_digest(plan)})
         history, refine_seconds = trained.history, trained.seconds
@@ -159,7 +221,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
         "baseline": {"val_accuracy": card.get("val_accuracy"), "test_accuracy": card.get("test_accuracy")},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    record = run_record(config, json.loads(json.dumps(results, default=float)))
+    record = {**run_record(config, json.loads(json.dumps(results, default=float))), "artefact_key": key.to_dict()}
     atomic_write_json(record, record_path)
     return record
 
@@ -188,5 +250,10 @@ def tidy_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+TIDY_COLUMNS = ("allocator", "target", "target_bits", "act_bits", "seed", "average_bits", "bitops", "size_bytes",
+                "compression_ratio", "val_before", "test_before", "val_after", "test_after", "search_accuracy",
+                "evaluations", "search_seconds", "refine_epochs", "refine_seconds", "seconds", "sparsity")
+
+
 def tidy_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame([tidy_row(r) for r in records])
+    return pd.DataFrame([tidy_row(r) for r in records], columns=list(TIDY_COLUMNS))

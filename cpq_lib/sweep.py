@@ -6,7 +6,9 @@ run the records are merged into ``<out>/results.csv`` (one tidy row per run). St
 again, a sweep skips finished runs (their ``record.json``) and resumes the interrupted one from its
 last checkpoint. A sweep folder may be extended with more axes or values later (for example more seeds
 for some allocators): run ids come from the configuration, and a run folder whose record was made with
-another configuration is an error, not silently reused.
+another configuration or other code (:func:`cpq_lib.experiment.experiment_key`) is an error naming the
+differences, not silently reused (``stale="recompute"`` runs it again instead, for folders that are
+caches).
 
 Runs execute in this process (``--executor inline``), in local processes (``local``, the default: no
 set-up, ``--parallel N`` at a time, spread over the GPUs) or as a Slurm job array through submitit
@@ -34,7 +36,8 @@ import pandas as pd
 
 from .config import ExperimentConfig, make_config
 from .errors import ConfigError, CpqError
-from .experiment import RECORD, run_experiment, tidy_frame
+from .artefacts import ArtefactKey, check_same_key
+from .experiment import RECORD, STALE_POLICIES, TIDY_COLUMNS, experiment_key, read_record, run_experiment, tidy_frame
 from .fileio import atomic_path
 from .jobs import EXECUTORS, Call, ExecutorSettings, raise_failures, run_calls
 from .pipeline import load_data
@@ -91,26 +94,24 @@ def run_id(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", name)
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A configuration without where things live on this machine (the data root may move)."""
-    config = json.loads(json.dumps(config))
-    config.get("data", {}).pop("root", None)
-    return config
-
-
-def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
-    record = run_dir / RECORD
-    if record.is_file():
-        recorded = json.loads(record.read_text(encoding="utf-8"))["config"]
-        if _comparable(recorded) != _comparable(config.to_dict()):
-            raise ConfigError(f"{run_dir} holds a run made with another configuration; use another --out or remove it")
+def _check_same_config(run_dir: Path, config: ExperimentConfig, stale: str) -> None:
+    """A finished run of another configuration or code is refused (or, to recompute, removed) before any job starts."""
+    record_path = run_dir / RECORD
+    if not record_path.exists():
+        return
+    recorded = ArtefactKey.from_dict(read_record(record_path).get("artefact_key"))
+    key = experiment_key(config)
+    if recorded != key and stale == "recompute":
+        record_path.unlink()
+        return
+    check_same_key(recorded, key, record_path, f"use another --out, or remove {run_dir} to run it again")
 
 
 def collect(out_dir: Path) -> pd.DataFrame:
-    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out_dir / "runs").glob(f"*/{RECORD}"))]
-    frame = tidy_frame(records) if records else pd.DataFrame()
-    if len(frame):
-        frame.insert(0, "run", [p.parent.name for p in sorted((out_dir / "runs").glob(f"*/{RECORD}"))])
+    paths = sorted((out_dir / "runs").glob(f"*/{RECORD}"))
+    records = [read_record(p) for p in paths]
+    frame = tidy_frame(records) if records else pd.DataFrame(columns=list(TIDY_COLUMNS))
+    frame.insert(0, "run", [p.parent.name for p in paths])
     return frame
 
 
@@ -121,7 +122,7 @@ def write_results(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str) -> list[str]:
+def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str = "refuse") -> list[str]:
     """Runs of a sweep, one after another, in a fresh process (a local or Slurm job); returns their
     records' paths. Every run is attempted; failures are raised together at the end."""
     data_cache: dict[str, Any] = {}
@@ -133,7 +134,7 @@ def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: 
             if key not in data_cache and not (Path(run_dir) / RECORD).is_file():
                 configure_for(config)
                 data_cache[key] = load_data(config)
-            run_experiment(config, run_dir, shared_dir=shared_dir, data=data_cache.get(key), progress=False)
+            run_experiment(config, run_dir, shared_dir=shared_dir, data=data_cache.get(key), progress=False, stale=stale)
             done.append(str(Path(run_dir) / RECORD))
         except Exception as error:  # noqa: BLE001 - reported per run below, the others still run
             failed.append(f"{Path(run_dir).name}: {type(error).__name__}: {error}")
@@ -145,14 +146,17 @@ def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: 
 def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
               base: dict[str, Any] | None = None, progress: bool = True,
               shared_dir: str | os.PathLike | None = None,
-              executor: ExecutorSettings | str = "inline") -> pd.DataFrame:
+              executor: ExecutorSettings | str = "inline", stale: str = "refuse") -> pd.DataFrame:
     """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results.
 
     ``shared_dir`` (default ``<out>/shared``): where runs find and cache baselines and class scores.
     ``executor``: ``"inline"`` (this process), ``"local"`` (one process per run) or settings
     (:class:`cpq_lib.jobs.ExecutorSettings`: parallelism, GPUs, Slurm partition, ...). The numbers do
-    not depend on it: every run seeds and configures its own runtime.
+    not depend on it: every run seeds and configures its own runtime. ``stale``: what a finished run made
+    with another configuration or other code gets (:func:`cpq_lib.experiment.run_experiment`).
     """
+    if stale not in STALE_POLICIES:
+        raise ConfigError(f"stale: {stale!r} is not allowed; choose one of {list(STALE_POLICIES)}")
     settings = executor if isinstance(executor, ExecutorSettings) else ExecutorSettings(kind=executor)
     out = Path(out_dir)
     shared = Path(shared_dir) if shared_dir is not None else out / "shared"
@@ -162,14 +166,14 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
     if len(set(ids)) != len(ids):
         raise ConfigError(f"the grid gives two runs the same id: {sorted(i for i in ids if ids.count(i) > 1)[:3]}")
     for identifier, config in configs:
-        _check_same_config(out / "runs" / identifier, config)
+        _check_same_config(out / "runs" / identifier, config, stale)
     if settings.kind != "inline":
         todo = [(i, o) for (i, _), o in zip(configs, runs) if not (out / "runs" / i / RECORD).is_file()]
         if any(config.deterministic for _, config in configs):
             set_portable_environment()  # jobs inherit it: pinned kernels before they import torch
         groups = [todo[k:k + settings.runs_per_job] for k in range(0, len(todo), settings.runs_per_job)]
         calls = [Call(",".join(i for i, _ in group), run_group,
-                      (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared)))
+                      (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared), stale))
                  for group in groups]
         failures = run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
         frame = write_results(out)
@@ -182,7 +186,8 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
             configure_for(config)  # before anything computes
             data_cache[key] = load_data(config)
-        run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key), progress=progress)
+        run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key), progress=progress,
+                       stale=stale)
 
     calls = [Call(identifier, run_here, (identifier, config)) for identifier, config in configs]
     run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)

@@ -63,6 +63,31 @@ def test_a_stopped_run_resumes_without_searching_again(run_dir, monkeypatch):
     assert run_experiment(config, run_dir / "run", progress=False)["results"] == again["results"]
 
 
+def test_a_run_folder_of_another_configuration_is_refused_or_remade(run_dir, monkeypatch):
+    from cpq_lib.artefacts import ArtefactMismatchError
+    from cpq_lib.experiment import TIDY_COLUMNS
+
+    first = _config(**{"refine.epochs": 0})
+    record = run_experiment(first, run_dir / "run", shared_dir=run_dir / "shared", progress=False)
+    assert set(tidy_row(record)) == set(TIDY_COLUMNS)
+    other = _config(**{"refine.epochs": 0, "allocation.sparsities": [0.25]})
+    with pytest.raises(ArtefactMismatchError, match=r"allocation.sparsities: \[0.5\] -> \[0.25\]"):
+        run_experiment(other, run_dir / "run", shared_dir=run_dir / "shared", progress=False)
+    assert json.loads((run_dir / "run" / RECORD).read_text()) == record  # untouched
+    # unfinished stages of another configuration are remade, not reused (the search used to be read back)
+    (run_dir / "run" / RECORD).unlink()
+    searched = []
+    real_allocate = experiment.allocate
+    monkeypatch.setattr(experiment, "allocate", lambda *a, **k: searched.append(k.get("sparsities")) or real_allocate(*a, **k))
+    again = run_experiment(other, run_dir / "run", shared_dir=run_dir / "shared", progress=False)
+    assert searched == [[0.25]] and again["results"]["search"]["details"]["sparsity"] == 0.25
+    # a cache folder: a finished run of another configuration is run again
+    remade = run_experiment(first, run_dir / "run", shared_dir=run_dir / "shared", progress=False, stale="recompute")
+    assert searched == [[0.25], [0.5]] and remade["results"]["plan"] == record["results"]["plan"]
+    with pytest.raises(ValueError, match="stale: 'ignore' is not allowed"):
+        run_experiment(first, run_dir / "run", progress=False, stale="ignore")
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", sorted(__import__("cpq_lib.allocation", fromlist=["ALLOCATORS"]).ALLOCATORS))
 def test_every_allocator_runs_end_to_end_on_cuda(run_dir, method):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,14 +31,49 @@ def test_axes_and_combinations():
 
 
 def test_a_run_folder_made_with_another_configuration_is_refused(tmp_path, quick_baseline_dir):
+    from cpq_lib.artefacts import ArtefactMismatchError
+    from cpq_lib.experiment import RecordError
+
     shutil.copytree(quick_baseline_dir, tmp_path / "shared" / "baseline")
     axes = [parse_axis("allocation.method=uniform")]
     run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
     (record,) = (tmp_path / "runs").glob("uniform*/record.json")
     text = record.read_text()
     record.write_text(text.replace('"calibration_images": 512', '"calibration_images": 100'))  # made with other settings
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ArtefactMismatchError, match=r"allocation.calibration_images: 100 -> 512.*use another --out"):
         run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    saved = json.loads(text)
+    record.write_text(json.dumps({**saved, "artefact_key": {**saved["artefact_key"], "code": "0" * 16}}))  # other code
+    with pytest.raises(ArtefactMismatchError, match="code fingerprint: 0000000000000000 -> "):
+        run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    record.write_text(json.dumps({k: v for k, v in saved.items() if k != "artefact_key"}))  # an older version's record
+    with pytest.raises(ArtefactMismatchError, match="carries no key"):
+        run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    frame = run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False, stale="recompute")  # a cache: run again
+    assert json.loads(record.read_text())["artefact_key"] == saved["artefact_key"] and len(frame) == 1
+    assert frame.iloc[0]["val_after"] == saved["results"]["after_refinement"]["val_accuracy"]
+    # damaged records name the file and what is wrong, before any job starts
+    for content, message in ((text[: len(text) // 2], "is not valid JSON"), ("{}", r"has no \['config', 'results'\]")):
+        record.write_text(content)
+        with pytest.raises(RecordError, match=re.escape(str(record)) + ".*" + message):
+            run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    record.unlink()
+    record.mkdir()
+    with pytest.raises(RecordError, match="is a folder where a run's record file belongs"):
+        run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False)
+    record.rmdir()
+    with pytest.raises(ConfigError, match="stale: 'keep' is not allowed"):
+        run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False, stale="keep")
+
+
+def test_a_sweep_without_finished_runs_writes_a_readable_results_table(tmp_path):
+    from cpq_lib.experiment import TIDY_COLUMNS
+    from cpq_lib.sweep import write_results
+
+    (tmp_path / "runs").mkdir()
+    write_results(tmp_path)
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert table.empty and list(table.columns) == ["run", *TIDY_COLUMNS]
 
 
 KILLER = textwrap.dedent('''
