@@ -77,3 +77,18 @@ def test_meta_must_be_a_mapping():
         BitPlan.from_json(json.dumps({"format": "cpq-bitplan/1", "meta": [1, 2], "layers": {}}))
     with pytest.raises(BitPlanError, match="meta must be a mapping"):
         BitPlan({}, meta=["x"])
+
+
+def test_plan_files_that_are_not_text_and_zero_bit_activations_are_refused(tmp_path):
+    from cpq_lib.quant import QuantConfig
+
+    binary = tmp_path / "plan.json"
+    binary.write_bytes(b"\xff\xfe\x00plan")
+    with pytest.raises(BitPlanError, match=r"plan.json is not UTF-8 text"):
+        BitPlan.load(binary)
+    with pytest.raises(BitPlanError, match="is a folder"):
+        BitPlan.load(tmp_path)
+    with pytest.raises(BitPlanError, match="activations take 1..16 bits, or null"):
+        BitPlan.from_dict({"format": "cpq-bitplan/1", "layers": {"conv": {"weight": [2, 2], "activation": 0}}})
+    with pytest.raises(ValueError, match="act_bits: 0 is not allowed"):
+        QuantConfig(act_bits=0)

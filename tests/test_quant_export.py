@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -7,7 +8,7 @@ from torch import nn
 from cpq_lib.errors import CheckpointError
 from cpq_lib.models import build_model
 from cpq_lib.quant import BitPlan, QuantConfig, calibrate_, export_packed, import_packed, model_summary, quantize_
-from cpq_lib.quant.export import pack_codes, unpack_codes
+from cpq_lib.quant.export import pack_codes, read_packed, unpack_codes, write_packed
 
 
 def _mixed(config, seed=0):
@@ -135,7 +136,131 @@ def test_packed_file_without_entries_is_a_clear_error(tmp_path):
 
     from cpq_lib.quant.export import MAGIC
 
-    blob = zlib.compress(json.dumps({"format": "cpq-packed/1", "meta": {}}).encode())
-    (tmp_path / "empty.cpq").write_bytes(MAGIC + struct.pack("<I", len(blob)) + blob)
+    import hashlib
+
+    blob = zlib.compress(json.dumps({"format": "cpq-packed/2", "meta": {}}).encode())
+    body = MAGIC + struct.pack("<I", len(blob)) + blob
+    (tmp_path / "empty.cpq").write_bytes(body + hashlib.sha256(body).digest())
     with pytest.raises(CheckpointError, match="no valid 'entries' list"):
         import_packed(quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(4, 4)), tmp_path / "empty.cpq")
+
+
+# --- corrupted or crafted files are refused before anything is written ---------------------------------
+
+def _exported(tmp_path, config=None):
+    config = config or QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(4, 3))
+    base, model = _mixed(config)
+    path = tmp_path / "model.cpq"
+    export_packed(model, path)
+    return base, model, path, config
+
+
+def _rewritten(path, tmp_path, change):
+    arrays, meta = read_packed(path)
+    change(arrays)
+    out = tmp_path / "crafted.cpq"
+    write_packed(arrays, out, meta)  # a valid checksum: the content itself is bad
+    return out
+
+
+FIRST = "layer1.0.conv1"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a[f"{FIRST}:scale"].__setitem__((0, 0), np.nan), "scales that are not finite and positive"),
+    (lambda a: a[f"{FIRST}:scale"].__setitem__((0, 0), -1.0), "scales that are not finite and positive"),
+    (lambda a: a[f"{FIRST}:act_info"].__setitem__(0, 100), "activation bits 100 \\(allowed 1..16\\)"),
+    (lambda a: a[f"{FIRST}:act_info"].__setitem__(0, -10), "activation bits -10"),
+    (lambda a: a[f"{FIRST}:act_info"].__setitem__(1, 7), "sign flag 7"),
+    (lambda a: a[f"{FIRST}:act_scale"].__setitem__(0, np.inf), "scale inf"),
+    (lambda a: a[f"{FIRST}:row_groups"].__setitem__(0, -3), "row group indices from -3"),
+    (lambda a: a[f"{FIRST}:col_groups"].__setitem__(0, 99), "column group indices from 0 to 99; allowed: 0..2"),
+    (lambda a: a[f"{FIRST}:bits"].__setitem__(0, 40), "bit-widths above 16"),
+])
+def test_invalid_fields_are_refused_and_the_model_is_unchanged(tmp_path, change, message):
+    base, _, path, config = _exported(tmp_path)
+    crafted = _rewritten(path, tmp_path, change)
+    target = quantize_(copy.deepcopy(base), config)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        import_packed(target, crafted)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_a_flipped_byte_anywhere_is_a_checksum_error(tmp_path):
+    base, _, path, config = _exported(tmp_path)
+    blob = bytearray(path.read_bytes())
+    for position in (len(blob) // 2, len(blob) - 40, 20):  # payload, end of payload, header
+        damaged = bytearray(blob)
+        damaged[position] ^= 0x01
+        (tmp_path / "damaged.cpq").write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            import_packed(quantize_(copy.deepcopy(base), config), tmp_path / "damaged.cpq")
+    (tmp_path / "old.cpq").write_bytes(b"CPQPACK1" + bytes(blob[8:]))
+    with pytest.raises(CheckpointError, match="format 1"):
+        import_packed(quantize_(copy.deepcopy(base), config), tmp_path / "old.cpq")
+
+
+def test_a_crafted_huge_shape_is_a_clear_error(tmp_path):
+    import json
+    import struct
+    import zlib
+    import hashlib
+
+    from cpq_lib.quant.export import MAGIC
+
+    blob = zlib.compress(json.dumps({"format": "cpq-packed/2", "meta": {},
+                                     "entries": [["x:codes", "uint8", [2 ** 32, 2 ** 32]]]}).encode())
+    body = MAGIC + struct.pack("<I", len(blob)) + blob + b"\0" * 16
+    (tmp_path / "huge.cpq").write_bytes(body + hashlib.sha256(body).digest())
+    with pytest.raises(CheckpointError, match="truncated: entry 'x:codes' needs 18446744073709551616 bytes"):
+        read_packed(tmp_path / "huge.cpq")
+
+
+def test_activation_quantization_must_match_between_file_and_model(tmp_path):
+    base, _, path, config = _exported(tmp_path)
+    float_inputs = quantize_(copy.deepcopy(base), QuantConfig(weight_bits=4, act_bits=None, granularity="block", blocks=(4, 3)))
+    with pytest.raises(CheckpointError, match="has activation quantization in the file and none in the model"):
+        import_packed(float_inputs, path)  # it used to drop the file's activation quantization silently
+    export_packed(float_inputs, tmp_path / "weights-only.cpq")
+    with pytest.raises(CheckpointError, match="quantizes activations in the model and not in the file"):
+        import_packed(quantize_(copy.deepcopy(base), config), tmp_path / "weights-only.cpq")
+
+
+class Aliased(nn.Module):
+    """One layer registered under two names (``self.b = self.a``), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 64)
+        self.a = nn.Linear(64, 64)
+        self.b = self.a
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(self.stem(x))))
+
+
+def test_an_aliased_layer_is_stored_and_counted_once(tmp_path):
+    torch.manual_seed(0)
+    base = Aliased().eval()
+    single = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 4)).eval()
+    config = QuantConfig(weight_bits=4, act_bits=8)
+    x = torch.rand(4, 8)
+    sizes = {}
+    for label, model in (("aliased", base), ("single", single)):
+        q = quantize_(copy.deepcopy(model), config)
+        calibrate_(q, [(x, None)])
+        summary = model_summary(q, x)
+        sizes[label] = (summary["size_bytes"], summary["float_size_bytes"], summary["compression_ratio"],
+                        export_packed(q, tmp_path / f"{label}.cpq"))
+        if label == "aliased":
+            assert q.a is q.b and summary["quantized_layers"] == 1  # one quantized twin under both names (stem, head excluded)
+            fresh = quantize_(copy.deepcopy(base), config)
+            import_packed(fresh, tmp_path / "aliased.cpq")
+            assert fresh.a is fresh.b
+            with torch.no_grad():
+                assert torch.equal(fresh(x), q(x))
+    aliased, single_sizes = sizes["aliased"], sizes["single"]
+    assert aliased[:3] == single_sizes[:3]  # were 14,206 vs 4,926 bytes, ratio 1.481 vs 2.386 in the issue's model
+    assert abs(aliased[3] - single_sizes[3]) < 200  # the header names differ; the payload is the same

@@ -6,11 +6,13 @@ import warnings
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from cpq_lib.models import build_model
 from cpq_lib.quant import (
-    BitPlan, LayerBits, QConv2d, QLinear, QuantConfig, calibrate_, dequantize_, excluded_names, fold_batchnorm_, quantizable_layers, quantize_,
+    BitPlan, LayerBits, QConv2d, QLinear, QuantConfig, QuantizedLayer, calibrate_, dequantize_, excluded_names, fold_batchnorm_,
+    quantizable_layers, quantize_,
     quantized_layers,
 )
 
@@ -271,3 +273,109 @@ def test_calibration_names_layers_it_never_reached():
     with pytest.warns(UserWarning, match=r"\['aux'\] were never called"):
         calibrate_(model, [(torch.rand(2, 1, 6, 6), None)])
     assert bool(model.main.input_quantizer.initialized) and not bool(model.aux.input_quantizer.initialized)
+
+
+# --- layers quantize_ must not change: subclasses with their own forward, the model as a layer, odd weights ---
+
+class StdConv2d(nn.Conv2d):
+    """timm's pattern: the weight is standardised in the forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's pattern: TensorFlow "same" padding in the forward (the layer itself has padding 0)."""
+
+    def forward(self, x):
+        pad = max((self.kernel_size[0] - 1) * self.dilation[0] + 1 - self.stride[0], 0)
+        return F.conv2d(F.pad(x, [pad // 2, pad - pad // 2] * 2), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = conv
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(self.stem(x)))
+
+
+def _cosine(a, b):
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.mark.parametrize("layer", [StdConv2d(4, 4, 3, padding=1), Conv2dSame(4, 4, 3)], ids=["StdConv2d", "Conv2dSame"])
+def test_conv_subclasses_keep_their_own_forward(layer):
+    torch.manual_seed(0)
+    float_model = TwoConvs(layer).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = float_model(x)
+    model = quantize_(copy.deepcopy(float_model), QuantConfig(weight_bits=16, act_bits=None, exclude=("stem", "head")))
+    twin = model.conv
+    assert isinstance(twin, QuantizedLayer) and isinstance(twin, type(layer)) and type(twin) is not type(layer)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == reference.shape and _cosine(out, reference) > 0.99999  # was 0.759, and 7x7 instead of 8x8
+    # at 3 bits the subclass computes with the fake-quantized weight and input
+    low = quantize_(copy.deepcopy(float_model), QuantConfig(weight_bits=3, act_bits=4, exclude=("stem", "head")))
+    calibrate_(low, [(x, None)])
+    with torch.no_grad():
+        inner = low.stem(x)
+        manual = copy.deepcopy(layer)
+        manual.weight.copy_(low.conv.weight_quantizer(low.conv.weight))
+        expected = low.head(manual(low.conv.input_quantizer(inner)))
+        assert torch.equal(low(x), expected)
+    assert set(low.conv.state_dict()) == {"weight", "bias", *(f"weight_quantizer.{k}" for k in low.conv.weight_quantizer.state_dict()),
+                                          *(f"input_quantizer.{k}" for k in low.conv.input_quantizer.state_dict())}
+    # the original is untouched, and dequantize_ gives the subclass back with the quantized weight baked in
+    assert type(float_model.conv) is type(layer) and not hasattr(float_model.conv, "weight_quantizer")
+    plain = dequantize_(copy.deepcopy(low))
+    assert type(plain.conv) is type(layer) and not isinstance(plain.conv, QuantizedLayer)
+    assert torch.equal(plain.conv.weight, low.conv.weight_quantizer(low.conv.weight))
+    # gradients reach the subclass's weight through the straight-through estimator
+    low.train()
+    low(x).sum().backward()
+    assert low.conv.weight.grad is not None and low.conv.weight.grad.abs().sum() > 0
+
+
+def test_a_model_that_is_itself_a_layer_is_refused():
+    layer = nn.Linear(16, 4)
+    with pytest.raises(ValueError, match=r"the model is itself a Linear; wrap it first, e.g. quantize_\(nn.Sequential"):
+        quantize_(layer, QuantConfig(exclude=()))
+    assert not list(layer.children()) and type(layer) is nn.Linear  # no child named '' any more
+    wrapped = quantize_(nn.Sequential(layer), QuantConfig(exclude=()))
+    assert [name for name, _ in quantized_layers(wrapped)] == ["0"]
+
+
+def test_odd_models_get_clear_errors_and_stay_unchanged():
+    from torch.nn.utils import parametrizations
+
+    def model_with(second):
+        return nn.Sequential(nn.Conv2d(3, 4, 3), second)
+
+    normed = nn.Sequential(nn.Conv2d(3, 4, 3), parametrizations.weight_norm(nn.Conv2d(4, 4, 3)), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match=r"layer '1' \(ParametrizedConv2d\) computes its weight.*remove_parametrizations"):
+        quantize_(normed, QuantConfig(exclude=()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated, and still used
+        old_style = nn.Sequential(nn.Conv2d(3, 4, 3), torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3)))
+    with pytest.raises(ValueError, match=r"layer '1' \(Conv2d\) computes its weight"):
+        quantize_(old_style, QuantConfig(exclude=()))
+    half = model_with(nn.Conv2d(4, 4, 3)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"layer '0' has bfloat16 weights; quantize_ needs float32 or float64 \(model.float\(\) first"):
+        quantize_(half, QuantConfig(exclude=()))
+    assert not quantized_layers(half)
+    broken = model_with(nn.Conv2d(4, 4, 3))
+    with torch.no_grad():
+        broken[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '1' has 1 non-finite weight\(s\)"):
+        quantize_(broken, QuantConfig(exclude=()))
+    assert not quantized_layers(broken)
+    with pytest.warns(UserWarning, match="has no Conv2d or Linear layer; nothing was quantized"):
+        quantize_(nn.Sequential(nn.ReLU(), nn.Flatten()), QuantConfig())  # used to be "unknown exclude token '@first'"

@@ -52,6 +52,9 @@ class LayerBits:
         self.weight = _check_bit_list(self.weight, "weight")
         if self.activation is not None:
             self.activation = _check_bit_list([self.activation], "activation")[0]
+            if self.activation < 1:  # a channel can be pruned (0 bits), an input cannot
+                raise BitPlanError(f"activation: bit-width {self.activation} is not allowed; activations take 1..{MAX_BITS} "
+                                   f"bits, or null for full precision")
 
 
 @dataclass
@@ -159,5 +162,10 @@ class BitPlan:
     def load(cls, path: str | os.PathLike) -> "BitPlan":
         path = Path(path)
         if not path.is_file():
-            raise BitPlanError(f"BitPlan file {path} does not exist")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+            raise BitPlanError(f"BitPlan file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BitPlanError(f"BitPlan file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                               f"a plan is the JSON that BitPlan.save writes") from None
+        return cls.from_json(text)

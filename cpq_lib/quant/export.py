@@ -1,7 +1,10 @@
 """Export a quantized model as packed integer codes: one compact file, no pickle.
 
-Layout: ``b"CPQPACK1"``, a little-endian uint32 header length, a zlib-compressed JSON header listing
-the entries (name, dtype, shape) in order, then the entries' raw bytes back to back. Weight codes are
+Layout: ``b"CPQPACK2"``, a little-endian uint32 header length, a zlib-compressed JSON header listing
+the entries (name, dtype, shape) in order, the entries' raw bytes back to back, then the SHA-256 of
+everything before it (a flipped bit anywhere is an error, not a silently different model). Loading
+validates every field (finite positive scales, bit-widths in range, shapes within the file, block
+indices in range) before anything is written into the model. Weight codes are
 packed at each channel's own bit-width (LSB first); everything else is stored as the metrics module's
 size formula counts it, so the file size tracks ``metrics.model_size_bits`` up to the header.
 Loading needs a quantized model of the same structure (built and ``quantize_``-d like the original);
@@ -10,7 +13,9 @@ its outputs then match the exported fake-quantized model exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -28,7 +33,9 @@ from .metrics import float_state_items
 from .primitives import dequantize_codes, integer_range
 from .transform import quantized_layers
 
-MAGIC = b"CPQPACK1"
+MAGIC = b"CPQPACK2"
+OLD_MAGIC = b"CPQPACK1"  # format 1 had no checksum
+DIGEST_BYTES = 32
 DTYPES = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16, "uint16": np.uint16, "float32": np.float32}
 
 
@@ -95,14 +102,22 @@ def export_packed(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any
         entries.update(_layer_entries(name, layer))
     for key, value in float_state_items(model).items():
         entries[key] = value.detach().cpu().float().numpy()
-    header = {"format": "cpq-packed/1", "meta": meta or {},
+    return write_packed(entries, path, meta)
+
+
+def write_packed(entries: dict[str, np.ndarray], path: str | os.PathLike, meta: dict[str, Any] | None = None) -> int:
+    """Write named arrays in the packed layout (header, payload, checksum), atomically; returns the size."""
+    header = {"format": "cpq-packed/2", "meta": meta or {},
               "entries": [[key, str(array.dtype), list(array.shape)] for key, array in entries.items()]}
     blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<I", len(blob)) + blob)
-            for array in entries.values():
-                handle.write(np.ascontiguousarray(array).tobytes())
+            for chunk in (MAGIC + struct.pack("<I", len(blob)) + blob,
+                          *(np.ascontiguousarray(array).tobytes() for array in entries.values())):
+                handle.write(chunk)
+                digest.update(chunk)
+            handle.write(digest.digest())
     return Path(path).stat().st_size
 
 
@@ -111,8 +126,13 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     data = Path(path).read_bytes() if Path(path).is_file() else None
     if data is None:
         raise CheckpointError(f"packed model {path} does not exist")
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+    if data.startswith(OLD_MAGIC):
+        raise CheckpointError(f"{path} is a packed model of format 1 (no checksum, fields not validated); export it again")
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4 + DIGEST_BYTES:
         raise CheckpointError(f"{path} is not a cpq packed model (bad magic)")
+    data, stored = data[:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    if hashlib.sha256(data).digest() != stored:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is damaged (or truncated) since it was written")
     (length,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
     start = len(MAGIC) + 4
     try:
@@ -129,7 +149,7 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     for key, dtype, shape in entries:
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: entry {key!r} has unsupported dtype {dtype!r}; allowed: {sorted(DTYPES)}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python integers: a crafted shape cannot overflow
         size = count * np.dtype(DTYPES[dtype]).itemsize
         if offset + size > len(data):
             raise CheckpointError(f"{path} is truncated: entry {key!r} needs {size} bytes at offset {offset}")
@@ -154,7 +174,7 @@ def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray
     if bits.shape != q.bits.shape:
         raise CheckpointError(f"{path}: layer {name!r} has {bits.numel()} channels, the model {q.bits.numel()}")
     if bits.numel() and int(bits.max()) > 16:
-        raise CheckpointError(f"{path}: layer {name!r} has bit-widths above 16")
+        raise CheckpointError(f"{path}: layer {name!r} has bit-widths above 16 (allowed: 0..16), e.g. {int(bits.max())}")
     values: dict[str, Any] = {"bits": bits}
     row_groups, col_groups = q.row_groups, q.col_groups
     if f"{name}:row_groups" in arrays:
@@ -162,11 +182,18 @@ def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray
         col_groups = torch.from_numpy(_entry(arrays, f"{name}:col_groups", path).astype(np.int64))
         if row_groups.shape != q.row_groups.shape or col_groups.shape != q.col_groups.shape:
             raise CheckpointError(f"{path}: layer {name!r} has block maps that do not fit its weight")
+        for label, groups, count in (("row", row_groups, q.blocks[0]), ("column", col_groups, q.blocks[1])):
+            if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= count):
+                raise CheckpointError(f"{path}: layer {name!r} has {label} group indices from {int(groups.min())} to "
+                                      f"{int(groups.max())}; allowed: 0..{count - 1}")
         values["groups"] = (row_groups, col_groups)
     blocks = (int(row_groups.max()) + 1, int(col_groups.max()) + 1)
     scale = torch.from_numpy(_entry(arrays, f"{name}:scale", path))
     if tuple(scale.shape) != blocks:
         raise CheckpointError(f"{path}: layer {name!r} has scales of shape {tuple(scale.shape)}, its blocks need {blocks}")
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise CheckpointError(f"{path}: layer {name!r} has scales that are not finite and positive "
+                              f"(e.g. {scale[~(torch.isfinite(scale) & (scale > 0))][:3].tolist()})")
     values["scale"] = scale
     zero_point = None
     if q.zero_point is not None:
@@ -187,9 +214,25 @@ def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray
             raise CheckpointError(f"{path}: layer {name!r} has a bias of {bias.numel()} values, the model {layer.bias.numel()}")
         values["bias"] = bias
     a = layer.input_quantizer
-    if f"{name}:act_scale" in arrays and a is not None:
-        bits_a, signed = (int(v) for v in _entry(arrays, f"{name}:act_info", path))
-        values["act"] = (float(arrays[f"{name}:act_scale"][0]), bits_a, signed,
+    quantizes_inputs = a is not None and a.enabled
+    if (f"{name}:act_scale" in arrays) != quantizes_inputs:
+        raise CheckpointError(f"{path}: layer {name!r} " + ("has activation quantization in the file and none in the model "
+                              "(quantize the model with act_bits)" if quantizes_inputs is False else
+                              "quantizes activations in the model and not in the file (quantize with act_bits=None)"))
+    if quantizes_inputs:
+        act_scale, info = _entry(arrays, f"{name}:act_scale", path), _entry(arrays, f"{name}:act_info", path)
+        if act_scale.shape != (1,) or info.shape != (2,):
+            raise CheckpointError(f"{path}: layer {name!r} has activation entries of shapes {act_scale.shape}, {info.shape}; "
+                                  f"expected (1,) and (2,)")
+        bits_a, signed = (int(v) for v in info)
+        scale_a = float(act_scale[0])
+        if not 1 <= bits_a <= 16 or signed not in (0, 1) or not (math.isfinite(scale_a) and scale_a > 0):
+            raise CheckpointError(f"{path}: layer {name!r} has activation bits {bits_a} (allowed 1..16), sign flag {signed} "
+                                  f"(allowed 0, 1) and scale {scale_a} (allowed: finite, > 0)")
+        if (f"{name}:act_zero_point" in arrays) == a.symmetric:
+            raise CheckpointError(f"{path}: layer {name!r}: the file's activation zero point does not fit the model's "
+                                  f"{'symmetric' if a.symmetric else 'asymmetric'} quantizer")
+        values["act"] = (scale_a, bits_a, signed,
                          int(arrays[f"{name}:act_zero_point"][0]) if f"{name}:act_zero_point" in arrays else None)
     return values
 

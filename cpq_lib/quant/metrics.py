@@ -103,11 +103,25 @@ def layer_storage_bits(layer: QuantizedLayer) -> dict[str, int]:
     return parts
 
 
-def float_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State entries stored at 32 bits: everything but quantized layers' weights/biases and quantizer state."""
-    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+def unique_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each tensor once: a module registered under two names (``self.b = self.a``)
+    or a tied parameter appears in a state dict under every name, but is stored (and counted) once."""
+    seen: set[tuple] = set()
     items = {}
     for key, value in model.state_dict().items():
+        identity = (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(), value.dtype, value.device)
+        if value.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        items[key] = value
+    return items
+
+
+def float_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State entries stored at 32 bits: everything but quantized layers' weights/biases and quantizer state."""
+    quantized = {name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantizedLayer)}
+    items = {}
+    for key, value in unique_state_items(model).items():
         owner, _, leaf = key.rpartition(".")
         if is_bookkeeping(key) or is_quantizer_state(key) or (owner in quantized and leaf in ("weight", "bias")):
             continue
@@ -153,7 +167,7 @@ def model_size_bits(model: nn.Module) -> int:
 
 def float_size_bits(model: nn.Module) -> int:
     """Size of the same model with everything at 32 bits (the compression baseline)."""
-    return sum(FLOAT_BITS * v.numel() for k, v in model.state_dict().items()
+    return sum(FLOAT_BITS * v.numel() for k, v in unique_state_items(model).items()
                if not is_bookkeeping(k) and not is_quantizer_state(k))
 
 

@@ -8,6 +8,8 @@ quantized inference costs about what float inference costs.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -93,3 +95,59 @@ class QLinear(QuantizedLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantizedSubclass(QuantizedLayer):
+    """Twin of a Conv2d / Linear *subclass* (timm's ``StdConv2d``, ``Conv2dSame``, ...): the subclass's own
+    ``forward`` runs, with the fake-quantized input and the fake-quantized weight in place of ``weight``.
+
+    Replacing such a layer by a plain QConv2d would drop what its forward adds (weight standardisation,
+    "same" padding); keeping the instance and swapping the weight it reads keeps it, whatever it is.
+    """
+
+    _float_class: type[nn.Module]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weight = self.quantized_weight()
+        raw = self._parameters["weight"]
+        self._parameters["weight"] = weight  # what the subclass's forward reads as self.weight, for this call
+        try:
+            return self._float_class.forward(self, self.quantize_input(x), *args, **kwargs)
+        finally:
+            self._parameters["weight"] = raw
+
+    def to_float(self) -> nn.Module:
+        """The original subclass with the fake-quantized weight baked in (undo)."""
+        plain = _shallow_module_copy(self, self._float_class)
+        plain._parameters["weight"] = nn.Parameter(self.weight_quantizer(self.weight.detach()).clone(),
+                                                   requires_grad=self.weight.requires_grad)
+        for name in ("weight_quantizer", "input_quantizer", "_cache"):
+            plain._modules.pop(name, None)
+            plain.__dict__.pop(name, None)
+        return plain
+
+
+@functools.cache
+def _subclass_twin(float_class: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Quantized{float_class.__name__}", (QuantizedSubclass, float_class), {"_float_class": float_class})
+
+
+def _shallow_module_copy(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new module of class ``cls`` with ``module``'s attributes; its own parameter, buffer, child and hook
+    dictionaries (so the copy can change them without changing ``module``), the same tensors."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    return new
+
+
+def quantized_twin(module: nn.Module, weight_quantizer: WeightQuantizer,
+                   input_quantizer: ActivationQuantizer | None) -> nn.Module:
+    """The quantized stand-in of a Conv2d / Linear: QConv2d / QLinear for the plain classes, a
+    :class:`QuantizedSubclass` twin (the subclass's own forward) for anything derived from them."""
+    if type(module) is nn.Conv2d:
+        return QConv2d.from_float(module, weight_quantizer, input_quantizer)
+    if type(module) is nn.Linear:
+        return QLinear.from_float(module, weight_quantizer, input_quantizer)
+    twin = _shallow_module_copy(module, _subclass_twin(type(module)))
+    twin._init_quant(weight_quantizer, input_quantizer)
+    return twin

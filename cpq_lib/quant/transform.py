@@ -15,9 +15,10 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..devices import check_model_device
-from .modules import QConv2d, QLinear, QuantizedLayer
+from .modules import QConv2d, QuantizedLayer, QuantizedSubclass, quantized_twin
 from .quantizers import GRANULARITIES, SCALE_INITS, ActivationQuantizer, WeightQuantizer, check_bits
 
 DEFAULT_EXCLUDE = ("@first", "@last", "*shortcut*", "*downsample*")
@@ -43,6 +44,8 @@ class QuantConfig:
         check_bits(self.weight_bits, "weight_bits")
         if self.act_bits is not None:
             check_bits(self.act_bits, "act_bits")
+            if self.act_bits < 1:
+                raise ValueError(f"act_bits: {self.act_bits} is not allowed; activations take 1..16 bits, or None for full precision")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {self.granularity!r} is not allowed; choose one of {list(GRANULARITIES)}")
         if self.granularity == "block" and (self.blocks is None or len(self.blocks) != 2 or min(self.blocks) < 1):
@@ -93,10 +96,9 @@ def excluded_names(model: nn.Module, patterns: Iterable[str]) -> set[str]:
     names = [name for name, _ in quantizable_layers(model)]
     chosen: set[str] = set()
     for pattern in patterns:
-        if pattern == "@first" and names:
-            chosen.add(names[0])
-        elif pattern == "@last" and names:
-            chosen.add(names[-1])
+        if pattern in ("@first", "@last"):
+            if names:  # a model without Conv2d/Linear layers has no first or last one
+                chosen.add(names[0] if pattern == "@first" else names[-1])
         elif pattern.startswith("@"):
             raise ValueError(f"unknown exclude token {pattern!r}; allowed: @first, @last or an fnmatch pattern")
         else:
@@ -116,15 +118,45 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> Non
         _set_submodule(model, name, new)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_quantizable(name: str, module: nn.Module) -> None:
+    """Refuse, before anything changes, what a quantized twin cannot reproduce or compute."""
+    label = repr(name)
+    weight = module._parameters.get("weight")
+    if parametrize.is_parametrized(module, "weight") or not isinstance(weight, nn.Parameter):
+        raise ValueError(f"layer {label} ({type(module).__name__}) computes its weight (weight_norm or a "
+                         f"parametrization), which a quantized twin cannot reproduce; remove it first "
+                         f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')) or exclude the layer")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"layer {label} has {str(weight.dtype).removeprefix('torch.')} weights; quantize_ needs float32 "
+                         f"or float64 (model.float() first; fake quantization simulates the integer grid in float)")
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"layer {label} has {bad} non-finite weight(s) (NaN or inf); its scales cannot be set")
+
+
 def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """Replace every non-excluded Conv2d/Linear of ``model`` in place by QConv2d/QLinear; returns ``model``."""
+    """Replace every non-excluded Conv2d/Linear of ``model`` in place by a quantized twin; returns ``model``.
+
+    Plain Conv2d/Linear become QConv2d/QLinear; subclasses keep their own forward (:func:`quantized_twin`).
+    Every layer is checked before any is replaced, so a refused model is left as it was.
+    """
     config = config or QuantConfig()
+    if isinstance(model, (nn.Conv2d, nn.Linear)) and not isinstance(model, QuantizedLayer):
+        raise ValueError(f"quantize_ replaces layers inside a model, and the model is itself a {type(model).__name__}; "
+                         f"wrap it first, e.g. quantize_(nn.Sequential(layer), config)")
     if config.fold_bn:
         fold_batchnorm_(model)
     keep = excluded_names(model, config.exclude)
-    for name, module in quantizable_layers(model):
-        if name in keep or isinstance(module, QuantizedLayer):
-            continue
+    todo = [(name, module) for name, module in quantizable_layers(model)
+            if name not in keep and not isinstance(module, QuantizedLayer)]
+    for name, module in todo:
+        _check_quantizable(name, module)
+    if not quantizable_layers(model):
+        warnings.warn(f"quantize_: {type(model).__name__} has no Conv2d or Linear layer; nothing was quantized", stacklevel=2)
+    for name, module in todo:
         try:
             weight_quantizer = WeightQuantizer(module.weight.shape, config.weight_bits, config.granularity, config.blocks,
                                                config.symmetric, config.learnable_scales, config.weight_init)
@@ -136,8 +168,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         if config.act_bits is not None:
             input_quantizer = ActivationQuantizer(config.act_bits, config.act_signed, config.symmetric,
                                                   config.learnable_scales, config.act_init).to(module.weight.device)
-        twin = QConv2d if isinstance(module, nn.Conv2d) else QLinear
-        _replace_everywhere(model, module, twin.from_float(module, weight_quantizer, input_quantizer))
+        _replace_everywhere(model, module, quantized_twin(module, weight_quantizer, input_quantizer))
     return model
 
 
@@ -226,6 +257,9 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_``: float Conv2d/Linear with the fake-quantized weights baked in, no quantizers."""
     for name, layer in quantized_layers(model):
+        if isinstance(layer, QuantizedSubclass):
+            _replace_everywhere(model, layer, layer.to_float())
+            continue
         weight = layer.weight_quantizer(layer.weight.detach()).clone()
         if isinstance(layer, QConv2d):
             plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
