@@ -221,3 +221,28 @@ def test_comparison_command_prints_the_table_of_a_csv(tmp_path, capsys):
                    "search_seconds": 4.0}]).to_csv(tmp_path / "results.csv", index=False)
     assert main([str(tmp_path / "results.csv")]) == 0
     assert "| W2A2 | uniform | 1 | 50.00 | 10.00 | 50.00 | 2.000 | 2.000 | 1 | 4 |" in capsys.readouterr().out
+
+
+def test_comparison_command_names_what_is_wrong_with_its_file(tmp_path, capsys):
+    import pandas as pd
+
+    from cpq_lib.allocation.report import main
+    from cpq_lib.experiment import TIDY_COLUMNS
+
+    good = {"target": "W2A2", "allocator": "uniform", "seed": 0, "test_after": 0.5, "test_before": 0.1, "val_after": 0.5,
+            "average_bits": 2.0, "bitops": 2e9, "evaluations": 1, "search_seconds": 4.0}
+    cases = {"missing.csv": (None, "no such file"), "empty.csv": ("", "is empty: the sweep finished no run"),
+             "one-byte.csv": ("\n", "is empty: the sweep finished no run"),
+             "columns.csv": ("a,b\n1,2\n", "lacks the columns ['target'"),
+             "text.csv": (pd.DataFrame([{**good, "test_after": "high"}]).to_csv(index=False),
+                          "column 'test_after' holds non-numeric values, e.g. 'high' (row 2)"),
+             "no-runs.csv": (",".join(["run", *TIDY_COLUMNS]) + "\n", "has no runs")}
+    for name, (content, message) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_text(content)
+        assert main([str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(tmp_path / name) in err and message in err, (name, err)
+    assert main([str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01")
+    assert main([str(tmp_path / "binary.csv")]) == 2 and "error: " in capsys.readouterr().err

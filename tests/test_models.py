@@ -125,3 +125,18 @@ def test_malformed_card_json_names_the_file(tmp_path):
     path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(CheckpointError, match="must hold a JSON object"):
         read_card(path)
+
+
+def test_pixels_outside_the_unit_range_warn_once():
+    import warnings
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    with pytest.warns(UserWarning, match=r"model input ranges from .* to 25\d; the model expects images in \[0, 1\] \(pixels in 0..255"):
+        model(torch.rand(2, 3, 32, 32) * 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model: later batches are not read back from the device
+        model(torch.rand(2, 3, 32, 32) * 255)
+        fresh = build_model("resnet20", 10).eval()
+        fresh(torch.rand(2, 3, 32, 32))  # images in [0, 1]: nothing to say
+        fresh(torch.rand(2, 3, 32, 32) * 255)  # only the first batch is checked

@@ -86,12 +86,52 @@ def markdown_comparison(frame: pd.DataFrame) -> str:
     return "\n".join(rows) + ("\n\n" + "; ".join(deltas) + "." if deltas else "") + "\n"
 
 
+COMPARISON_COLUMNS = ("target", "allocator", "test_after", "test_before", "val_after", "average_bits", "bitops",
+                      "evaluations", "search_seconds")
+NUMERIC_COLUMNS = COMPARISON_COLUMNS[2:]
+
+
+def read_results(path: str) -> pd.DataFrame:
+    """A sweep's results CSV, checked; ValueError naming the file and what is wrong with it."""
+    from pathlib import Path
+
+    csv = Path(path)
+    if csv.is_dir():
+        raise ValueError(f"{csv} is a folder; give a sweep's results.csv (in the sweep's --out folder)")
+    if not csv.is_file():
+        raise ValueError(f"{csv}: no such file")
+    try:
+        frame = pd.read_csv(csv)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{csv} is empty: the sweep finished no run (see its jobs/ logs)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{csv} is not a CSV file ({exc})") from None
+    missing = [c for c in COMPARISON_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{csv} is not a sweep's results table: it lacks the columns {missing}")
+    if frame.empty:
+        raise ValueError(f"{csv} has no runs: the sweep finished none yet (see its jobs/ logs)")
+    for column in NUMERIC_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame.loc[values.isna() & frame[column].notna(), column]
+        if len(bad):
+            raise ValueError(f"{csv}: column {column!r} holds non-numeric values, e.g. {bad.iloc[0]!r} (row {bad.index[0] + 2})")
+        frame[column] = values
+    return frame
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m cpq_lib.allocation results.csv``: print the Markdown comparison of a sweep's CSV."""
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m cpq_lib.allocation", description=main.__doc__)
     parser.add_argument("csv", help="a sweep's results.csv")
     args = parser.parse_args(argv)
-    print(markdown_comparison(pd.read_csv(args.csv)), end="")
+    try:
+        frame = read_results(args.csv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_comparison(frame), end="")
     return 0

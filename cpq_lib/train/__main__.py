@@ -9,40 +9,31 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
-from ..config import make_config
+from ..cli import check_output_folder, fail, parse_overrides
+from ..config import PROFILES, make_config
 from ..errors import CpqError
 from ..pipeline import load_data, train_baseline
 from ..runtime import configure_for
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cpq_lib.train", description=__doc__)
-    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--profile", default="quick", choices=PROFILES)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", required=True, help="folder for state.pt, log.jsonl, model.pt and model.json")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="config override, e.g. train.epochs=80 (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder (created if missing)")
-    overrides = {"data.root": args.data_root} if args.data_root else {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = parse_value(value)
-    try:
+    try:  # everything is checked before data is loaded
+        check_output_folder(args.out)
+        overrides = {**({"data.root": args.data_root} if args.data_root else {}), **parse_overrides(args.set)}
         config = make_config(args.profile, overrides)
+        config.resolved_device()
+    except ValueError as error:
+        return fail(str(error))
+    try:
         configure_for(config)
         data = load_data(config)
         command = "python -m cpq_lib.train " + shlex.join(sys.argv[1:] if argv is None else argv)
