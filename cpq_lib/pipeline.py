@@ -13,6 +13,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from .artefacts import ArtefactKey
 from .config import ExperimentConfig
 from .data import DataBundle, load_dataset
 from .errors import CheckpointError
@@ -66,17 +67,31 @@ def final_report(model: nn.Module, data: DataBundle, device: str) -> dict[str, A
 BASELINE_CODE = ("config", "cpu_env", "data", "models", "runtime", "train")
 
 
+def baseline_key(config: ExperimentConfig, data: DataBundle) -> ArtefactKey:
+    """What a trained baseline depends on: model, its build arguments, training settings, seed, data split,
+    precision and code (the pinned CPU code paths included)."""
+    return ArtefactKey.make("baseline", {
+        "model": config.model.name, "model_kwargs": model_kwargs(config, data), "train": config.train, "seed": config.seed,
+        "dataset": data.name, "val_digest": data.val_digest, "dtype": torch.get_default_dtype()}, BASELINE_CODE)
+
+
 def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os.PathLike, *,
-                   progress: bool = True, command: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the configured model from scratch (resuming from ``out_dir/state.pt``) and save ``out_dir/model.pt``."""
+                   progress: bool = True, command: str | None = None, cache: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the configured model from scratch (resuming from ``out_dir/state.pt``) and save ``out_dir/model.pt``.
+
+    ``cache``: ``out_dir`` is cpq's baseline cache, where a training state of another key is discarded
+    (in a user's ``--out`` folder it is an error instead).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = config.resolved_device()
     kwargs = model_kwargs(config, data)
+    key = baseline_key(config, data)
     torch.manual_seed(config.seed)  # weight initialisation is part of the recorded run
     model = build_model(config.model.name, **kwargs).to(device)
     result = train_model(model, data, config.train, seed=config.seed, device=device, state_path=out / "state.pt",
-                         log_path=out / "log.jsonl", progress=progress)
+                         log_path=out / "log.jsonl", progress=progress, state_key={"artefact": key.digest},
+                         restart_stale=cache)
     # the layout a checkpoint loads into (training leaves channels_last parameters): a fresh and a
     # cached baseline must compute bit for bit alike, or every later stage depends on the cache
     model = model.to(memory_format=torch.contiguous_format)
@@ -87,6 +102,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
         **final_report(model, data, device),
         "command": command or "python -m cpq_lib.train " + shlex.join(sys.argv[1:]),
         "environment": environment_record(), "code_fingerprint": code_fingerprint(*BASELINE_CODE),
+        "artefact_key": key.to_dict(),
     }
     save_checkpoint(model, out / "model.pt", card)
     atomic_write_json(card, out / "model.json")
@@ -128,17 +144,12 @@ def _cached_or_trained_baseline(config: ExperimentConfig, data: DataBundle, path
     device = config.resolved_device()
     if path.is_file():
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
-        same_run = (card.get("train") == dataclasses.asdict(config.train) and card.get("seed") == config.seed
-                    and card.get("model_kwargs") == model_kwargs(config, data)
-                    and card.get("code_fingerprint") == code_fingerprint(*BASELINE_CODE)
-                    and card.get("dtype", "float32") == dtype_name(torch.get_default_dtype())
-                    and card.get("data", {}).get("val_digest") == data.val_digest)
-        if same_run:
+        if ArtefactKey.from_dict(card.get("artefact_key")) == baseline_key(config, data):
             check_card_matches(card, data, path)
             return model.to(device), card
         for stale in (path, path.parent / "state.pt", path.parent / "log.jsonl"):  # another run's: start over
             stale.unlink(missing_ok=True)
-    return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model")
+    return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model", cache=True)
 
 
 def class_scores(model: nn.Module, data: DataBundle, run_dir: str | os.PathLike, *, images_per_class: int,

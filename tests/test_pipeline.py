@@ -51,9 +51,23 @@ def test_a_cached_baseline_from_other_code_is_trained_again(digits, tmp_path, mo
     monkeypatch.setattr(pipeline, "train_baseline", lambda *a, **k: trained.append(1) or real(*a, **k))
     baseline_model(config, digits, tmp_path, progress=False)
     assert trained == []  # same code: reused
-    monkeypatch.setattr(pipeline, "code_fingerprint", lambda *parts: "changed")
+    import cpq_lib.artefacts as artefacts
+
+    monkeypatch.setattr(artefacts, "code_fingerprint", lambda *parts: "changed")
     baseline_model(config, digits, tmp_path, progress=False)
     assert trained == [1]
+
+
+def test_an_unfinished_baseline_of_other_settings_in_the_cache_is_started_over(digits, tmp_path):
+    first = make_config("quick", {"train.epochs": 1, "train.lr": 0.02})
+    baseline_model(first, digits, tmp_path, progress=False)
+    folder = tmp_path / "baseline" / "seed-0"
+    (folder / "model.pt").unlink()  # as if killed before the model was saved: only state.pt is left
+    second = make_config("quick", {"train.epochs": 1})
+    _, card = baseline_model(second, digits, tmp_path, progress=False)
+    _, fresh = baseline_model(second, digits, tmp_path / "fresh", progress=False)
+    assert card["history"][0]["train_loss"] == fresh["history"][0]["train_loss"] and card["train"]["lr"] == 0.05
+    assert card["artefact_key"] == fresh["artefact_key"] and card["artefact_key"]["kind"] == "baseline"
 
 
 def test_a_cached_baseline_of_another_precision_is_trained_again(digits, tmp_path):
