@@ -305,10 +305,6 @@ class TwoConvs(nn.Module):
         return self.head(self.conv(self.stem(x)))
 
 
-def _cosine(a, b):
-    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-
-
 @pytest.mark.parametrize("layer", [StdConv2d(4, 4, 3, padding=1), Conv2dSame(4, 4, 3)], ids=["StdConv2d", "Conv2dSame"])
 def test_conv_subclasses_keep_their_own_forward(layer):
     torch.manual_seed(0)

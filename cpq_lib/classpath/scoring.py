@@ -18,8 +18,6 @@ non-zero pattern matches the reference's ReLU-output reading), or of named modul
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
