@@ -36,7 +36,7 @@ class InputNormalization(nn.Module):
 
 def check_input_range(x: torch.Tensor) -> None:
     """Warn (once per caller) when a batch's values are clearly outside [0, 1]."""
-    if x.numel() == 0 or not x.is_floating_point():
+    if x.numel() == 0 or not x.is_floating_point() or x.is_meta:  # meta tensors hold no values
         return
     low, high = float(x.min()), float(x.max())
     if low < INPUT_RANGE[0] - RANGE_SLACK or high > INPUT_RANGE[1] + RANGE_SLACK:
