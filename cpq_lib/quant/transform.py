@@ -132,7 +132,7 @@ def _check_quantizable(name: str, module: nn.Module) -> None:
     if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"layer {label} has {str(weight.dtype).removeprefix('torch.')} weights; quantize_ needs float32 "
                          f"or float64 (model.float() first; fake quantization simulates the integer grid in float)")
-    if not bool(torch.isfinite(weight).all()):
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"layer {label} has {bad} non-finite weight(s) (NaN or inf); its scales cannot be set")
 
