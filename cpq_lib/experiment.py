@@ -64,6 +64,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise RecordError(f"{path} is a folder where a run's record file belongs; remove it to run the run again")
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file (the run has not finished, or this is not a run folder)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

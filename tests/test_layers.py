@@ -11,7 +11,7 @@ BOTTOM = {"artefacts", "config", "cpu_env", "devices", "errors", "fileio", "lock
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}
-TOP = {"cli", "pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
+TOP = {"cli", "deploy", "pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
 FORBIDDEN = {
     **{name: CORE | TRAINING | METHODS | TOP for name in BOTTOM},
     "quant": TRAINING | METHODS | TOP,
