@@ -103,3 +103,11 @@ def test_bench_precision_times_each_precision_in_its_own_process(bench, monkeypa
     assert set(record["seconds"]) == {"float32", "float64"}
     assert all(len(t) == 1 and t[0] > 0 for t in record["seconds"].values())
     assert set(record["ratio_to_float32"]) == {"float64"}
+
+
+def test_bench_onnx_times_every_export_against_fp32(bench):
+    pytest.importorskip("onnxruntime", reason="the ONNX benchmark needs onnxruntime")
+    record = bench("bench_onnx", "--repeats", "1", "--batch", "2")
+    assert set(record["ratio_to_fp32"]) == {f"{name} ({mode})" for name in ("W8A8", "mixed 0-6 bits, A4")
+                                             for mode in ("optimized", "unoptimized")}
+    assert all(len(t) == 1 and t[0] > 0 for t in record["seconds"].values()) and len(record["seconds"]) == 6

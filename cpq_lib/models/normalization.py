@@ -38,7 +38,8 @@ def check_input_range(x: torch.Tensor) -> None:
     """Warn (once per caller) when a batch's values are clearly outside [0, 1]."""
     if x.numel() == 0 or not x.is_floating_point() or x.is_meta:  # meta tensors hold no values
         return
-    low, high = float(x.min()), float(x.max())
+    values = x.detach()
+    low, high = float(values.min()), float(values.max())
     if low < INPUT_RANGE[0] - RANGE_SLACK or high > INPUT_RANGE[1] + RANGE_SLACK:
         hint = " (pixels in 0..255? divide by 255)" if high > 2 and low >= 0 else ""
         warnings.warn(f"model input ranges from {low:.3g} to {high:.3g}; the model expects images in [0, 1]{hint}",

@@ -199,7 +199,8 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: Iterable, op
     """Run the exported graph in ONNX Runtime (CPU) and ``model`` in eval mode on the same batches.
 
     Returns the largest and median absolute logit difference, the median difference relative to the
-    logits' scale, top-1 agreement and the number of inputs. ``optimize=False`` keeps the QDQ graph's
+    logits' scale, top-1 agreement and the number of inputs; where the batches carry labels, both
+    models' accuracies too. ``optimize=False`` keeps the QDQ graph's
     float semantics; ``True`` lets ONNX Runtime fuse QDQ patterns into integer kernels (their
     accumulation rounds differently: expect high agreement, not identity).
     """
@@ -216,9 +217,11 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: Iterable, op
     was_training = model.training
     model.eval()
     differences, relative, agree, seen = [], [], 0, 0
+    right = {"cpq_accuracy": 0, "onnx_accuracy": 0}
+    labelled = True
     try:
         with torch.no_grad():
-            for index, (images, _) in enumerate(batches):
+            for index, (images, labels) in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
                 reference = model(images).float().cpu()
@@ -228,6 +231,11 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: Iterable, op
                 relative.append((difference / reference.abs().amax(1, keepdim=True).clamp_min(1e-12)).flatten())
                 agree += int((exported.argmax(1) == reference.argmax(1)).sum())
                 seen += len(images)
+                if labels is None:
+                    labelled = False
+                else:
+                    right["cpq_accuracy"] += int((reference.argmax(1) == labels.cpu()).sum())
+                    right["onnx_accuracy"] += int((exported.argmax(1) == labels.cpu()).sum())
     finally:
         model.train(was_training)
     if not seen:
@@ -235,4 +243,4 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batches: Iterable, op
     every, scaled = torch.cat(differences), torch.cat(relative)
     return {"max_abs_difference": float(every.max()), "median_abs_difference": float(every.median()),
             "median_relative_difference": float(scaled.median()), "top1_agreement": agree / seen, "inputs": seen,
-            "optimized": bool(optimize)}
+            "optimized": bool(optimize), **({k: v / seen for k, v in right.items()} if labelled else {})}
