@@ -7,7 +7,9 @@ points for asymmetric weights) and a per-channel ``DequantizeLinear`` (axis 0), 
 holds the codes in the quantizer's own range). Channels of one layer may have different widths: their
 codes already lie in each channel's range, so one int8 tensor holds them all; 0-bit (pruned) channels
 are zeros. Sub-layerwise layouts with row groups only (n_V x 1, reordered or not) are exported as
-per-channel scales (each row takes its group's); layouts with column groups are refused. Written by
+per-channel scales (each row takes its group's); layouts with column groups (n_V x n_H) through
+DequantizeLinear's blocked form over the flattened input columns, where the groups are equal contiguous
+runs (not reordered); reordered column groups are refused. Written by
 hand on top of the ``onnx`` helpers: torch's exporter has no notion of per-channel mixed widths, and
 Brevitas' QONNX/QCDQ exporters need Brevitas' own layers.
 """
@@ -46,19 +48,36 @@ def _require_onnx():
     return onnx
 
 
-def _per_row_scales(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scale per output channel, zero point per output channel or None) of a layer's weight quantizer."""
+def column_block_size(name: str, layer: QuantizedLayer) -> int | None:
+    """The block size of a layout with column groups (DequantizeLinear's blocked form over the flattened
+    input columns), None without column groups; an error where the groups are not equal contiguous runs
+    (reordered columns), which no blocked form expresses."""
     q = layer.weight_quantizer
-    if q.granularity == "block" and q.blocks[1] > 1:
-        raise OnnxExportError(f"layer {name!r}: the {q.blocks[0]}x{q.blocks[1]} layout groups input channels, which "
-                              f"DequantizeLinear cannot express per output channel; use n_V x 1 layouts, channel or "
-                              f"tensor granularity for ONNX")
+    n_h = q.blocks[1]
+    if n_h == 1:
+        return None
+    cols = q.col_groups.numel()
+    size = cols // n_h
+    expected = torch.arange(cols) // max(size, 1)
+    if cols % n_h or not torch.equal(q.col_groups.cpu().long(), expected):
+        raise OnnxExportError(f"layer {name!r}: the {q.blocks[0]}x{n_h} layout's column groups are not {n_h} equal "
+                              f"contiguous runs of the {cols} input columns (reordered, or {cols} is not divisible "
+                              f"by {n_h}), which DequantizeLinear's blocked form cannot express")
+    return size
+
+
+def _per_row_scales(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zero points or None) per output channel, or per (output channel, column block)."""
+    q = layer.weight_quantizer
     rows = layer.weight.shape[0]
     scale = q.scale.detach().abs().clamp_min(1e-8).cpu().double()
     zero = None if q.zero_point is None else q.zero_point.detach().cpu().double()
     if q.granularity == "block":
         index = q.row_groups.cpu().long()
-        scale, zero = scale[index, 0], (None if zero is None else zero[index, 0])
+        if column_block_size(name, layer) is None:
+            scale, zero = scale[index, 0], (None if zero is None else zero[index, 0])
+        else:  # (rows, n_H): each row takes its group's scales
+            scale, zero = scale[index], (None if zero is None else zero[index])
     else:
         scale = scale.reshape(-1).expand(rows) if scale.numel() == 1 else scale.reshape(rows)
         if zero is not None:
@@ -75,8 +94,10 @@ def weight_codes(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.ndarr
                               f"them as 8-bit integers (allowed: 0..{MAX_EXPORT_BITS})")
     codes = q.codes(layer.weight.detach()).cpu()
     scale, zero = _per_row_scales(name, layer)
+    if column_block_size(name, layer) is not None:
+        codes = codes.reshape(codes.shape[0], -1)  # blocks run over the flattened input columns
     if zero is None:
-        return codes.to(torch.int8).numpy(), scale, np.zeros(len(scale), dtype=np.int8)
+        return codes.to(torch.int8).numpy(), scale, np.zeros(scale.shape, dtype=np.int8)
     if float(codes.min()) < 0 or float(codes.max()) > 255:
         raise OnnxExportError(f"layer {name!r}: asymmetric codes outside 0..255")
     return codes.to(torch.uint8).numpy(), scale, np.rint(zero).astype(np.uint8)
@@ -114,7 +135,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     if not layers:
         raise OnnxExportError(f"{type(model).__name__} has no quantized layer: quantize_ it first (or export the "
                               f"float model with torch.onnx.export)")
-    planned = {name: (weight_codes(name, layer), activation_grid(name, layer)) for name, layer in layers}
+    planned = {name: (weight_codes(name, layer), activation_grid(name, layer), column_block_size(name, layer),
+                      tuple(layer.weight.shape)) for name, layer in layers}
     float_model = dequantize_(copy.deepcopy(model)).float().eval()
     example = example_input.detach().float()
     with atomic_path(path) as tmp:
@@ -151,23 +173,32 @@ def _insert_qdq(graph_model, planned: dict[str, tuple], helper, numpy_helper, te
             consumers.setdefault(name, []).append((node, position))
     new_initializers, weight_nodes = [], []
     activation_nodes: dict[int, list] = {}
-    for name, ((codes, scale, zero), grid) in planned.items():
+    for name, ((codes, scale, zero), grid, block_size, weight_shape) in planned.items():
         key = f"{name}.weight"
         users = [(node, position) for node, position in consumers.get(key, []) if node.op_type in WEIGHT_CONSUMERS]
         if key not in initializers or not users:
             raise OnnxExportError(f"layer {name!r}: its weight did not come out of torch.onnx.export as the initializer "
                                   f"{key!r} of a Conv/Gemm node (the exporter folded it into something else)")
         traced = numpy_helper.to_array(initializers[key]).astype(np.float64)
-        expected = (codes.astype(np.float64) - zero.astype(np.float64).reshape(-1, *[1] * (codes.ndim - 1))) \
-            * scale.astype(np.float64).reshape(-1, *[1] * (codes.ndim - 1))
-        if traced.shape != codes.shape or not np.allclose(traced, expected, rtol=1e-5, atol=1e-7):
+        if block_size is None:
+            expand = lambda v: v.astype(np.float64).reshape(-1, *[1] * (codes.ndim - 1))  # noqa: E731
+        else:
+            expand = lambda v: np.repeat(v.astype(np.float64), block_size, axis=1)  # noqa: E731
+        expected = ((codes.astype(np.float64) - expand(zero)) * expand(scale)).reshape(weight_shape)
+        if traced.shape != weight_shape or not np.allclose(traced, expected, rtol=1e-5, atol=1e-7):
             raise OnnxExportError(f"layer {name!r}: the traced weight {key!r} is not the layer's quantized weight (the "
                                   f"exporter changed it, e.g. folded a following BatchNorm into it)")
         graph.initializer.remove(initializers[key])
         new_initializers += [numpy_helper.from_array(codes, f"{key}_quantized"),
                              numpy_helper.from_array(scale, f"{key}_scale"), numpy_helper.from_array(zero, f"{key}_zero_point")]
-        weight_nodes.append(helper.make_node("DequantizeLinear", [f"{key}_quantized", f"{key}_scale", f"{key}_zero_point"],
-                                             [key], name=f"{name}/weight_dequantize", axis=0))
+        if block_size is None:
+            weight_nodes.append(helper.make_node("DequantizeLinear", [f"{key}_quantized", f"{key}_scale", f"{key}_zero_point"],
+                                                 [key], name=f"{name}/weight_dequantize", axis=0))
+        else:  # blocked form over the flattened columns, then the layer's own shape
+            new_initializers.append(numpy_helper.from_array(np.array(weight_shape, dtype=np.int64), f"{key}_shape"))
+            weight_nodes += [helper.make_node("DequantizeLinear", [f"{key}_quantized", f"{key}_scale", f"{key}_zero_point"],
+                                              [f"{key}_2d"], name=f"{name}/weight_dequantize", axis=1, block_size=block_size),
+                             helper.make_node("Reshape", [f"{key}_2d", f"{key}_shape"], [key], name=f"{name}/weight_reshape")]
         if grid is None:
             continue
         prefix = f"{name}/input"
