@@ -34,17 +34,19 @@ def notebook_paths(selection: list[str] | None = None) -> list[Path]:
 
 
 def clean_stored_notebook(path: Path) -> None:
-    """Drop machine paths and timestamps papermill records, so stored notebooks diff only on content."""
+    """Drop machine paths, timestamps and the injected-parameters cell papermill adds, so stored notebooks
+    diff only on content and their `parameters` cell is what a reader edits."""
     import nbformat
 
     notebook = nbformat.read(path, as_version=4)
     notebook.metadata.pop("papermill", None)
     notebook.metadata.pop("widgets", None)  # progress-bar widget state
+    # papermill's injected cell re-set profile/seed/device after the `parameters` cell: kept, it would
+    # silently undo a reader's edit of that cell in JupyterLab (the stored runs use its defaults)
+    notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
     for cell in notebook.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.id = "injected-parameters"  # papermill draws a random id on every run
     nbformat.write(notebook, path)
 
 

@@ -37,8 +37,19 @@ def test_clean_stored_notebook_drops_paths_and_timings(tmp_path):
     runner.clean_stored_notebook(path)
     cleaned = nbformat.read(path, as_version=4)
     assert "papermill" not in cleaned.metadata and "widgets" not in cleaned.metadata
-    assert cleaned.cells[0].metadata == {}
-    assert cleaned.cells[1].id == "injected-parameters"
+    assert cleaned.cells[0].metadata == {} and len(cleaned.cells) == 1  # the injected cell is gone
+
+
+@pytest.mark.parametrize("path", runner.notebook_paths(None), ids=lambda p: p.name)
+def test_stored_notebooks_run_what_their_parameters_cell_says(path):
+    """No injected cell re-sets the parameters after the reader's edit; the stored run used the defaults."""
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []), "the first code cell is the parameters cell"
+    assert not [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]
+    defaults: dict = {}
+    exec(code[0].source, {}, defaults)  # noqa: S102 - the repository's own notebook
+    assert (defaults["profile"], defaults["seed"], defaults["device"]) == ("quick", 0, "auto")
 
 
 @pytest.mark.slow
