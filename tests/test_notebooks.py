@@ -47,8 +47,9 @@ def test_stored_notebook_hygiene(path):
 def test_stored_notebooks_carry_no_output_folders(path):
     """Folders left to the notebook's defaults let the test suite redirect figures out of the clone."""
     notebook = nbformat.read(path, as_version=4)
-    injected = [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and all("run_dir" not in c.source and "figures_dir" not in c.source for c in injected)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert re.search(r"^run_dir = None\b", code[0].source, re.M) and re.search(r"^figures_dir = None\b", code[0].source, re.M)
+    assert not [c for c in code[1:] if re.search(r"^(run_dir|figures_dir) = ", c.source, re.M)]
 
 
 # --- nbval must notice wrong results: run it on the stored notebooks with the library broken on purpose ---
