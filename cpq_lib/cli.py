@@ -77,11 +77,7 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, so the folder cannot be made there")
-            break
+    _check_parents(path, option)
     return path
 
 
@@ -90,12 +86,15 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file; give a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, so the folder cannot be made there")
-            break
+    _check_parents(path, option)
     return path
+
+
+def _check_parents(path: Path, option: str) -> None:
+    """The nearest existing parent of ``path`` must be a folder (else its folders cannot be made)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, so the folder cannot be made there")
 
 
 def fail(message: str) -> int:

@@ -17,9 +17,11 @@ top-1 agreement, logit differences and both accuracies.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             run = Path(args.run)
             record = read_record(run / RECORD)
-            saved = json.loads(json.dumps(record["config"]))
+            saved = copy.deepcopy(record["config"])
             if args.data_root:
                 saved["data"]["root"] = args.data_root
             config = from_dict(ExperimentConfig, saved)
@@ -93,17 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                                                 **({"allocation.weight_bits": weight_bits} if weight_bits else {})})
             state_file = None
         device = config.resolved_device()
+        baselines = Path(args.run_dir or Path("runs") / args.profile)
+        folder = baseline_folder(baselines, config.seed)
+        if state_file is None and not config.model.pretrained and not (folder / "model.pt").is_file():
+            raise ValueError(f"profile {args.profile!r} has no shipped model and no cached baseline in {folder}; "
+                             f"train one first (python -m cpq_lib.train, or any notebook of the profile)")
     except ValueError as exc:
         return fail(str(exc))
     runtime = configure_for(config)
     data = load_data(config)
-    teacher = None
-    if state_file is None:
-        folder = baseline_folder(args.run_dir or Path("runs") / args.profile, config.seed)
-        if not config.model.pretrained and not (folder / "model.pt").is_file():
-            return fail(f"profile {args.profile!r} has no shipped model and no cached baseline in {folder}; train one "
-                        f"first (python -m cpq_lib.train, or any notebook of the profile)")
-        teacher, _ = baseline_model(config, data, args.run_dir or Path("runs") / args.profile, progress=False)
+    teacher = None if state_file is not None else baseline_model(config, data, baselines, progress=False)[0]
     torch.set_default_dtype(torch.float32)  # the exported graph computes in float32 (data loaders follow)
     if state_file is not None:
         student = _student(build_model(config.model.name, **model_kwargs(config, data)).to(device), config, data, device)
