@@ -81,7 +81,8 @@ class RefineConfig(TrainConfig):
     learnable_scales: bool = True
 
 
-ALLOCATOR_NAMES = ("uniform", "random", "class_count", "sensitivity", "classpath")  # cpq_lib.allocation.ALLOCATORS
+ALLOCATOR_NAMES = ("uniform", "random", "class_count", "class_count_sum", "sensitivity", "classpath", "classpath_cpq",
+                   "classpath_random_paths", "classpath_reversed")  # cpq_lib.allocation.ALLOCATORS
 
 
 @dataclass
@@ -93,13 +94,16 @@ class AllocationConfig:
     act_bits: int | None = _f(2, min=1, max=16)
     slack: float = _f(0.06, min=0.0, max=0.99)
     search_images: int | None = _f(None, min=10)  # validation images a search evaluates on (None: all)
+    bn_images: int = _f(512, min=0)                # training images each evaluated plan re-estimates BatchNorm on (0: off)
     calibration_images: int = _f(512, min=1)       # training images for activation scales
     images_per_class: int = _f(50, min=1)           # training images per class for class scores
+    weight_grid: str = _f("narrow", choices=("narrow", "full"))  # signed weight grid (cpq_lib.quant.QuantConfig)
     sparsities: list[float] = _f([0.3, 0.5, 0.6, 0.9], min=0.0, max=0.99)
-    t1: float = _f(0.9, min=0.01, max=1.0)
-    r: float = _f(0.9, min=0.01, max=1.0)
-    similarity: str = _f("jaccard", choices=("jaccard", "interference"))
-    fill: bool = True
+    # class-path and class-count knobs; None: the preset's value (cpq_lib.allocation.class_paths)
+    t1: float | None = _f(None, min=0.01, max=1.0)
+    r: float | None = _f(None, min=0.01, max=1.0)
+    similarity: str | None = _f(None, choices=("jaccard", "interference", None))
+    fill: bool | None = None
     grid: int = _f(40, min=1, max=10_000)
     start_bits: int | None = _f(None, min=1, max=16)
 

@@ -24,7 +24,9 @@ from torch import nn
 
 from .artefacts import ArtefactKey, check_same_key, read_key_file, write_key_file
 from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
+from .allocation.evaluator import bn_batches
 from .allocation.report import plan_digest
+from .allocation.statistics import pack_correct
 from .classpath import ScoreSettings
 from .config import ExperimentConfig
 from .data import DataBundle, SearchData
@@ -33,8 +35,10 @@ from .fileio import atomic_torch_save, atomic_write_json
 from .pipeline import baseline_model, class_scores, final_report, load_data
 from .provenance import run_record
 from .quant import BitPlan, QuantConfig, calibrate_, model_summary, quantize_
+from .quant.batchnorm import reestimate_bn_
 from .runtime import configure_for
 from .train import Distillation, train_model
+from .train.evaluate import memory_format_of
 
 RECORD = "record.json"
 SEARCH = "search.json"
@@ -84,7 +88,7 @@ def quantized_student(model: nn.Module, config: ExperimentConfig, data: SearchDa
     plan is set), activations at the target width with MSE-searched clips calibrated on training images."""
     a = config.allocation
     quant = QuantConfig(weight_bits=8, act_bits=a.act_bits, weight_init="mse", act_init="mse",
-                        learnable_scales=config.refine.learnable_scales)
+                        learnable_scales=config.refine.learnable_scales, weight_grid=a.weight_grid)
     student = quantize_(copy.deepcopy(model).to(device), quant).eval()
     calibrate_(student, data.calibration_loader(a.calibration_images, seed=config.seed), device)
     return student
@@ -93,9 +97,9 @@ def quantized_student(model: nn.Module, config: ExperimentConfig, data: SearchDa
 def search_knobs(config: ExperimentConfig) -> dict[str, Any]:
     a = config.allocation
     knobs: dict[str, Any] = {"start_bits": a.start_bits}
-    if a.method == "classpath":
+    if a.method.startswith("classpath"):
         knobs.update(sparsities=list(a.sparsities), t1=a.t1, r=a.r, similarity=a.similarity, fill=a.fill)
-    elif a.method == "class_count":
+    elif a.method.startswith("class_count"):
         knobs.update(grid=a.grid, t1=a.t1)
     return knobs
 
@@ -103,7 +107,7 @@ def search_knobs(config: ExperimentConfig) -> dict[str, Any]:
 def run_search(student: nn.Module, config: ExperimentConfig, data: SearchData, scores, device: str,
                progress: bool) -> AllocationResult:
     a = config.allocation
-    evaluator = SearchEvaluator(student, data, a.search_images, seed=config.seed, device=device)
+    evaluator = SearchEvaluator(student, data, a.search_images, seed=config.seed, device=device, bn_images=a.bn_images)
     target = Target(a.weight_bits, a.act_bits, a.slack)
     return allocate(a.method, evaluator, target, scores=scores, seed=config.seed, progress=progress, **search_knobs(config))
 
@@ -192,6 +196,8 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
         student.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
     else:
         plan.apply_(student)  # per-channel scales for the plan's bits (what the search evaluated)
+        if a.bn_images:  # BatchNorm statistics for the plan, on the images the search re-estimated them on
+            reestimate_bn_(student, bn_batches(search_data, a.bn_images, config.seed, device, memory_format_of(student)), device)
         atomic_torch_save(student.state_dict(), before_path)
 
     refine = config.refine
@@ -229,8 +235,9 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
 
 
 def _report(model: nn.Module, data: DataBundle, device: str) -> dict[str, Any]:
-    report = final_report(model, data, device)
-    return {k: report[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "per_class_test_accuracy")}
+    report = final_report(model, data, device, per_image=True)
+    kept = {k: report[k] for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "per_class_test_accuracy")}
+    return {**kept, "test_correct": pack_correct(report["test_correct"])}
 
 
 def tidy_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -248,13 +255,15 @@ def tidy_row(record: dict[str, Any]) -> dict[str, Any]:
         "search_seconds": search["cost"]["search_seconds"], "refine_epochs": r["refinement"]["epochs"],
         "refine_seconds": r["refinement"]["seconds"], "seconds": r["seconds"],
         "sparsity": search["details"].get("sparsity"),
+        "bn_images": search["cost"].get("bn_images", 0), "search_images": search["cost"].get("validation_images"),
     }
     return row
 
 
 TIDY_COLUMNS = ("allocator", "target", "target_bits", "act_bits", "seed", "average_bits", "bitops", "size_bytes",
                 "compression_ratio", "val_before", "test_before", "val_after", "test_after", "search_accuracy",
-                "evaluations", "search_seconds", "refine_epochs", "refine_seconds", "seconds", "sparsity")
+                "evaluations", "search_seconds", "refine_epochs", "refine_seconds", "seconds", "sparsity", "bn_images",
+                "search_images")
 
 
 def tidy_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

@@ -55,12 +55,19 @@ def check_card_matches(card: dict[str, Any], data: DataBundle, path: str | os.Pa
         )
 
 
-def final_report(model: nn.Module, data: DataBundle, device: str) -> dict[str, Any]:
-    """Validation and test accuracy of a finished model (the only place the test split is read)."""
+def final_report(model: nn.Module, data: DataBundle, device: str, per_image: bool = False) -> dict[str, Any]:
+    """Validation and test accuracy of a finished model (the only place the test split is read).
+
+    ``per_image``: also which test images it classifies correctly (``test_correct``, a bool tensor in
+    test-split order), what a paired test between two models needs.
+    """
     val = evaluate(model, data.eval_loader("val"), data.num_classes, device)
-    test = evaluate(model, data.eval_loader("test"), data.num_classes, device)
-    return {"val_accuracy": val.accuracy, "val_loss": val.loss, "test_accuracy": test.accuracy, "test_loss": test.loss,
-            "per_class_test_accuracy": dict(zip(data.classes, test.per_class_accuracy))}
+    test = evaluate(model, data.eval_loader("test"), data.num_classes, device, per_image=per_image)
+    report = {"val_accuracy": val.accuracy, "val_loss": val.loss, "test_accuracy": test.accuracy, "test_loss": test.loss,
+              "per_class_test_accuracy": dict(zip(data.classes, test.per_class_accuracy))}
+    if per_image:
+        report["test_correct"] = test.correct
+    return report
 
 
 # the code a trained baseline depends on (the pinned CPU code paths included): a cached one made by other code is trained again

@@ -38,7 +38,7 @@ def test_every_allocator_meets_its_budget_with_a_valid_plan(search, method, bits
     evaluator = SearchEvaluator(student, data)
     target = Target(bits, 4)
     result = allocate(method, evaluator, target, scores=scores, progress=False,
-                      **({"sparsities": [0.5, 0.9]} if method == "classpath" else {}))
+                      **({"sparsities": [0.5, 0.9]} if method.startswith("classpath") else {}))
     plan = result.plan
     plan.validate(student)
     average = plan.average_weight_bits(student)
@@ -97,7 +97,7 @@ def test_classpath_gives_channels_on_more_paths_at_least_as_many_bits(search):
         owner[name] = shared
     scores = ClassScores(made, [str(c) for c in range(10)], [5] * 10, [], {})
     evaluator = SearchEvaluator(student, data)
-    result = allocate("classpath", evaluator, Target(3.0, 4), scores=scores, sparsities=[0.6], progress=False)
+    result = allocate("classpath_cpq", evaluator, Target(3.0, 4), scores=scores, sparsities=[0.6], progress=False)
     bits = space.split(space.from_plan(result.plan))
     for name in space.names:  # a channel holds the max over its paths: shared ones at least any exclusive one
         shared, rest = bits[name][:owner[name]], bits[name][owner[name]:]
@@ -141,13 +141,17 @@ def test_class_count_borders_map_counts_to_bits():
     assert bits_from_borders(counts, [0.5, 2.0, 6.0, 9.0]).tolist() == [0, 0, 1, 2, 4]
 
 
-def test_uniform_mixes_two_widths_layer_by_layer_for_fractional_targets(search):
+def test_uniform_mixes_two_widths_layer_by_layer_up_to_the_budget(search):
     student, data, _ = search
-    result = allocate("uniform", SearchEvaluator(student, data), Target(2.5, 4, slack=0.0), progress=False)
-    per_layer = {name: set(layer.weight) for name, layer in result.plan.layers.items()}
-    assert all(len(values) == 1 for values in per_layer.values())
-    assert {next(iter(v)) for v in per_layer.values()} <= {2, 3}
-    assert result.plan.average_weight_bits(student) <= 2.5
+    space = ChannelSpace.of(student)
+    for target in (Target(2.5, 4, slack=0.0), Target(2.0, 4)):  # 2.0 + 0.06 slack: the slack is spent too
+        result = allocate("uniform", SearchEvaluator(student, data), target, progress=False)
+        per_layer = {name: set(layer.weight) for name, layer in result.plan.layers.items()}
+        assert sum(len(values) > 1 for values in per_layer.values()) <= 1  # whole layers, then one layer's channels
+        assert set().union(*per_layer.values()) <= {2, 3}
+        average = result.plan.average_weight_bits(student)
+        smallest_step = min(space.params_per_channel) / sum(c * p for c, p in zip(space.channels, space.params_per_channel))
+        assert target.max_bits - smallest_step < average <= target.max_bits + 1e-12
 
 
 def test_random_is_seeded(search):
@@ -177,10 +181,14 @@ def test_allocate_errors(search, digits_baseline):
     for method in ("classpath", "class_count"):
         with pytest.raises(AllocationError, match="needs class scores"):
             allocate(method, evaluator, Target(2, 4))
-    with pytest.raises(AllocationError, match="unknown similarity"):
+    with pytest.raises(AllocationError, match="similarity: 'cosine' is not allowed"):
         allocate("classpath", evaluator, Target(2, 4), scores=scores, similarity="cosine", progress=False)
-    with pytest.raises(AllocationError, match="min_bits"):
+    with pytest.raises(AllocationError, match="min_bits 5.*must not exceed the start bits 4"):
         allocate("classpath", evaluator, Target(2, 4), scores=scores, min_bits=5, progress=False)
+    with pytest.raises(AllocationError, match="unknown classpath preset 'paper'"):
+        allocate("classpath", evaluator, Target(2, 4), scores=scores, preset="paper", progress=False)
+    with pytest.raises(AllocationError, match=r"unknown classpath knob\(s\) \['alpha'\]"):
+        allocate("classpath", evaluator, Target(2, 4), scores=scores, alpha=1, progress=False)
     other = ClassScores({"nope": torch.ones(10, 3)}, [str(c) for c in range(10)], [1] * 10, [], {})
     with pytest.raises(AllocationError, match="no entry for quantized layer"):
         allocate("class_count", evaluator, Target(2, 4), scores=other, progress=False)
@@ -189,26 +197,52 @@ def test_allocate_errors(search, digits_baseline):
         SearchEvaluator(block, data)
 
 
-def test_markdown_comparison_orders_allocators_and_reports_classpath_minus_best_other():
+def test_markdown_comparison_gives_cis_paired_contrasts_and_flags_unequal_budgets():
     import pandas as pd
 
     from cpq_lib.allocation.report import markdown_comparison
 
-    def row(target, allocator, seed, test):
-        return {"target": target, "allocator": allocator, "seed": seed, "test_after": test, "test_before": 0.1,
-                "val_after": test, "average_bits": 2.0, "bitops": 1e9, "evaluations": 3, "search_seconds": 1.0}
-    frame = pd.DataFrame([row("W3A3", "uniform", 0, 0.90), row("W3A3", "classpath", 0, 0.91),
+    def row(target, allocator, seed, test, bits=2.05):
+        return {"run": f"{allocator}-{target}-{seed}", "target": target, "allocator": allocator, "seed": seed,
+                "test_after": test, "test_before": 0.1, "val_after": test, "average_bits": bits, "bitops": 1e9,
+                "evaluations": 3, "search_seconds": 1.0}
+    frame = pd.DataFrame([row("W3A3", "uniform", 0, 0.90, 3.05), row("W3A3", "classpath", 0, 0.91, 3.0),
                           row("W2A2", "classpath", 0, 0.80), row("W2A2", "classpath", 1, 0.82),
-                          row("W2A2", "sensitivity", 0, 0.83), row("W2A2", "uniform", 0, 0.70)])
+                          row("W2A2", "sensitivity", 0, 0.83), row("W2A2", "sensitivity", 1, 0.84),
+                          row("W2A2", "uniform", 0, 0.70)])
     text = markdown_comparison(frame)
-    lines = [line for line in text.splitlines() if line.startswith("| W")]
+    lines = [line for line in text.splitlines() if line.startswith("| W") and "−" not in line]
     # targets in thesis order, allocators by mean test accuracy within a target
     assert [line.split(" | ")[:2] for line in lines] == [["| W2A2", "sensitivity"], ["| W2A2", "classpath"],
                                                           ["| W2A2", "uniform"], ["| W3A3", "classpath"],
                                                           ["| W3A3", "uniform"]]
-    assert "| 2 | 81.00 ± 1.41 |" in lines[1]  # mean ± sample std over the two seeds
-    assert "W2A2: classpath − best other (sensitivity) = -2.00 points" in text
-    assert "W3A3: classpath − best other (uniform) = +1.00 points" in text
+    # mean ± the 95% t half-width over two seeds: t(0.975, 1) * std / sqrt(2) = 12.706 * 1.414 / 1.414 points
+    assert "| 2 | 81.00 ± 12.71 |" in lines[1]
+    assert "| 3.000 † |" in lines[3] and "†" not in lines[4] and "not an equal budget" in text  # 0.05 bits under the point's highest
+    contrasts = [line for line in text.splitlines() if "−" in line and line.startswith("| W")]
+    # classpath − sensitivity at W2A2, paired by seed: (-3, -2) points -> mean -2.5, CI -2.5 ± 12.706 * 0.707 / 1.414
+    assert "| W2A2 | classpath − sensitivity | 2 | -2.50 | [-8.85, +3.85] | – |" in contrasts
+    assert "| W2A2 | classpath − uniform | 1 | +10.00 | – | – |" in contrasts
+    assert "best other" not in text
+
+
+def test_contrasts_add_mcnemar_per_seed_from_the_records():
+    import numpy as np
+    import pandas as pd
+
+    from cpq_lib.allocation.report import contrast_table
+    from cpq_lib.allocation.statistics import mcnemar, pack_correct
+
+    rng = np.random.default_rng(0)
+    base = rng.random(1000) < 0.8
+    better = base | (rng.random(1000) < 0.5)  # right wherever the baseline is, and on about half the rest
+    frame = pd.DataFrame([{"run": "a", "target": "W2A2", "allocator": "classpath", "seed": 0, "test_after": better.mean()},
+                          {"run": "b", "target": "W2A2", "allocator": "uniform", "seed": 0, "test_after": base.mean()}])
+    records = {run: {"results": {"after_refinement": {"test_correct": pack_correct(flags)}}}
+               for run, flags in (("a", better), ("b", base))}
+    table = contrast_table(frame, records)
+    (p,) = table.loc[table["baseline"] == "uniform", "mcnemar_p"].iloc[0]
+    assert p == pytest.approx(mcnemar(better, base).p_value) and p < 1e-20
 
 
 def test_comparison_command_prints_the_table_of_a_csv(tmp_path, capsys):

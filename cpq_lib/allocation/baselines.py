@@ -20,19 +20,35 @@ from .search import AllocationResult, SearchLog
 from .space import AllocationError, Target
 
 
+def fill_to_budget(space, bits: torch.Tensor, limit: float, high: int) -> torch.Tensor:
+    """Spend what is left of the budget from below: raise whole layers to ``high`` bits, largest layer first,
+    while the average stays at most ``limit``; then, if a layer does not fit whole, its channels in index
+    order (so every allocator spends about the same budget; see the comparison's equal-budget rule)."""
+    bits = bits.clone()
+    weights = space.weights()
+    total = float(weights.sum())
+    spent = float((bits.double() * weights).sum())
+    order = sorted(range(len(space.names)), key=lambda i: (-space.channels[i] * space.params_per_channel[i], i))
+    for index in order:
+        rows = slice(space.offsets[index], space.offsets[index + 1])
+        extra = float(((high - bits[rows]).clamp_min(0).double() * weights[rows]).sum())
+        if extra > 0 and spent + extra <= limit * total + 1e-9:
+            bits[rows] = torch.clamp_min(bits[rows], high)
+            spent += extra
+    for channel in range(space.size):
+        extra = float(max(0, high - int(bits[channel])) * weights[channel])
+        if extra > 0 and spent + extra <= limit * total + 1e-9:
+            bits[channel] = high
+            spent += extra
+    return bits
+
+
 def uniform(evaluator: SearchEvaluator, target: Target, *, progress: bool = True, **_) -> AllocationResult:
-    """The same bits everywhere; a fractional target mixes the two neighbouring widths layer by layer
-    (largest layers first raised to the upper width while the budget allows)."""
+    """The same bits everywhere; the rest of the budget (up to its maximum, the target plus slack) raises
+    whole layers, largest first, to the next width, then single channels (:func:`fill_to_budget`)."""
     space = evaluator.space
-    low = max(1, math.floor(target.weight_bits))
-    bits = space.uniform(low)
-    if target.weight_bits > low:
-        order = sorted(range(len(space.names)), key=lambda i: (-space.channels[i] * space.params_per_channel[i], i))
-        for index in order:
-            trial = bits.clone()
-            trial[space.offsets[index]:space.offsets[index + 1]] = low + 1
-            if space.average(trial) <= target.max_bits:
-                bits = trial
+    low = max(1, math.floor(target.max_bits + 1e-9))
+    bits = fill_to_budget(space, space.uniform(low), target.max_bits, low + 1)
     log = SearchLog(evaluator, "uniform", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", f"{space.average(bits):.3f} bits")
     return log.result("uniform", bits, target, accuracy, {})
@@ -41,7 +57,8 @@ def uniform(evaluator: SearchEvaluator, target: Target, *, progress: bool = True
 def random_bits(evaluator: SearchEvaluator, target: Target, *, seed: int = 0, spread: int = 1, min_bits: int = 1,
                 progress: bool = True, **_) -> AllocationResult:
     """Per-channel bits drawn uniformly from round(target) +- ``spread`` (at least ``min_bits``), then
-    nudged channel by random channel until the average lies within the budget (seeded)."""
+    nudged channel by random channel until the average lies within the budget, then random channels
+    raised while they fit, so the budget is spent up to its maximum (seeded)."""
     space = evaluator.space
     generator = torch.Generator().manual_seed(seed)
     centre = max(min_bits, round(target.weight_bits))
@@ -57,10 +74,8 @@ def random_bits(evaluator: SearchEvaluator, target: Target, *, seed: int = 0, sp
         pick = int(candidates[torch.randint(candidates.numel(), (1,), generator=generator)])
         bits[pick] -= 1
         average -= float(weights[pick]) / total
-    for _ in range(4 * space.size):  # room left: raise random channels while they fit, towards the target
-        if average >= target.weight_bits:
-            break
-        candidates = torch.nonzero((bits < high) & (average + weights / total <= target.max_bits)).flatten()
+    while True:  # room left: raise random channels while they fit under the budget's maximum
+        candidates = torch.nonzero((bits < high) & (average + weights / total <= target.max_bits + 1e-12)).flatten()
         if candidates.numel() == 0:
             break
         pick = int(candidates[torch.randint(candidates.numel(), (1,), generator=generator)])

@@ -1,6 +1,7 @@
 """Class-based quantization (Sun et al., DATE 2023): a channel's bits follow how many classes it matters for.
 
-A channel's class count (the sum of its class scores, in [0, C]) is mapped to bits by N ascending
+A channel's class count (in [0, C]; by default in the reference's order, ``max_p sum_c``, see
+:meth:`ClassScores.class_count`; ``count="sum_of_maxima"`` sums the class scores) is mapped to bits by N ascending
 borders: bits = the number of borders the count exceeds, so a count at or below the lowest border
 means 0 bits (pruned) and one above every border N bits. All borders start at 0 (every channel that
 matters to some class gets N bits). The search then moves one border at a time up a grid of
@@ -21,12 +22,18 @@ from .search import AllocationResult, SearchLog
 from .space import AllocationError, Target
 
 
-def class_counts(scores: ClassScores, names: list[str]) -> torch.Tensor:
+COUNT_ORDERS = ("reference", "sum_of_maxima")
+
+
+def class_counts(scores: ClassScores, names: list[str], order: str = "reference") -> torch.Tensor:
     """Class counts of the quantized channels, flattened in layer order."""
     missing = [n for n in names if n not in scores.scores]
     if missing:
         raise AllocationError(f"the class scores have no entry for quantized layer(s) {missing[:5]}; score the same model")
-    return torch.cat([scores.scores[n].double().sum(0) for n in names])
+    if order not in COUNT_ORDERS:
+        raise AllocationError(f"unknown class-count order {order!r}; allowed: {', '.join(COUNT_ORDERS)}")
+    counts = scores.class_count(order)
+    return torch.cat([counts[n].double() for n in names])
 
 
 def bits_from_borders(counts: torch.Tensor, borders: list[float]) -> torch.Tensor:
@@ -35,16 +42,17 @@ def bits_from_borders(counts: torch.Tensor, borders: list[float]) -> torch.Tenso
 
 
 def class_count(evaluator: SearchEvaluator, target: Target, *, scores: ClassScores | None = None,
-                start_bits: int | None = None, grid: int = 40, t1: float = 0.9, progress: bool = True,
-                **_) -> AllocationResult:
+                start_bits: int | None = None, grid: int = 40, t1: float | None = None, count: str = "reference",
+                progress: bool = True, **_) -> AllocationResult:
     """Borders moved until the budget is met (see module docstring)."""
     if scores is None:
         raise AllocationError("the class_count allocator needs class scores (cpq_lib.pipeline.class_scores)")
     if grid < 1:
         raise AllocationError(f"grid must be a positive number of steps, got {grid}")
     space = evaluator.space
+    t1 = 0.9 if t1 is None else t1
     levels = start_bits or target.start_bits()
-    counts = class_counts(scores, space.names)
+    counts = class_counts(scores, space.names, count)
     num_classes = scores.num_classes
     step = num_classes / grid
     borders = [0.0] * levels
@@ -82,6 +90,6 @@ def class_count(evaluator: SearchEvaluator, target: Target, *, scores: ClassScor
         accuracy, _, _, borders, bits, row = max(options, key=lambda o: (o[0], o[1], o[2]))
         log.rows[row]["accepted"] = True
         log.rows[row]["above_floor"] = accuracy >= floor
-    knobs = {"start_bits": levels, "grid": grid, "t1": t1}
+    knobs = {"start_bits": levels, "grid": grid, "t1": t1, "count": count}
     return log.result("class_count", bits, target, accuracy, knobs,
                       {"borders": [round(b, 4) for b in borders], "floor": floor, "kept_floor": accuracy >= floor})

@@ -6,6 +6,14 @@ layers whose bits changed, and per-channel scales come from a table computed onc
 bit-width): a channel's scale depends only on its own weights and bit-width (per-channel, symmetric
 grids), so the table gives exactly what ``WeightQuantizer.initialize`` would, without re-running the
 MSE search of every layer on every evaluation. Quantized weights are then cached by the layers.
+
+BatchNorm re-estimation (``bn_images``, on by default): a plan that lowers weights changes every
+channel's output distribution, and BatchNorm statistics estimated for 8-bit weights then normalise the
+wrong one; at 2 bits nearly every plan sits near chance and the search decides between noise. Each
+evaluation therefore re-estimates the BatchNorm statistics of the plan on a fixed, seeded, stratified set
+of training images (the same for every plan and every allocator), measures, and restores the running
+statistics, so the model leaves every evaluation as it entered it. ``bn_images=0`` evaluates with the
+statistics as they are (the reference's behaviour).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from torch import nn
 from ..data import SearchData
 from ..devices import check_model_device
 from ..quant import WeightQuantizer, quantized_layers
+from ..quant.batchnorm import batchnorms, reestimate_bn_, restored_bn_statistics
 from ..train import EvalResult, evaluate
 from ..train.evaluate import memory_format_of
 from .space import AllocationError, ChannelSpace
@@ -27,7 +36,7 @@ class SearchEvaluator:
     """Counts evaluations and their wall time; ``evaluate(bits)`` sets ``bits`` and measures accuracy."""
 
     def __init__(self, model: nn.Module, data: SearchData, images: int | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", batch_size: int = 500) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 500, bn_images: int = 512) -> None:
         if not isinstance(data, SearchData):
             raise AllocationError("a search takes data.for_search() (training and validation splits only)")
         check_model_device(model, device, "SearchEvaluator")
@@ -44,6 +53,11 @@ class SearchEvaluator:
         fmt = memory_format_of(model)
         self.batches = [(subset.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=fmt),
                          subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]
+        if isinstance(bn_images, bool) or not isinstance(bn_images, int) or bn_images < 0:
+            raise AllocationError(f"bn_images must be a number of training images >= 0 (0: no BatchNorm re-estimation), "
+                                  f"got {bn_images!r}")
+        self.bn_images = bn_images if batchnorms(model) else 0
+        self.bn_batches = bn_batches(data, self.bn_images, seed, device, fmt) if self.bn_images else []
         self.num_classes = data.num_classes
         self.device = device
         self.evaluations = 0
@@ -58,7 +72,8 @@ class SearchEvaluator:
         if key not in self._scales:
             layer = self.layers[name]
             q = layer.weight_quantizer
-            probe = WeightQuantizer(q.weight_shape, bits, "channel", symmetric=True, init=q.init_method).to(layer.weight.device)
+            probe = WeightQuantizer(q.weight_shape, bits, "channel", symmetric=True, init=q.init_method,
+                                    grid=q.grid_name).to(layer.weight.device)
             probe.initialize(layer.weight)
             self._scales[key] = probe.scale.detach().clone()
         return self._scales[key]
@@ -81,13 +96,30 @@ class SearchEvaluator:
             q.initialized.fill_(True)
             self._current[name] = new.clone()
 
+    def measure(self) -> EvalResult:
+        """Accuracy and loss of the model as it is now (BatchNorm re-estimated first, then restored)."""
+        if not self.bn_batches:
+            return evaluate(self.model, self.batches, self.num_classes, self.device)
+        with restored_bn_statistics(self.model):
+            reestimate_bn_(self.model, self.bn_batches, self.device)
+            return evaluate(self.model, self.batches, self.num_classes, self.device)
+
     def evaluate(self, bits: torch.Tensor) -> EvalResult:
         started = time.perf_counter()
         self.set_bits(bits)
-        result = evaluate(self.model, self.batches, self.num_classes, self.device)
+        result = self.measure()
         self.evaluations += 1
         self.seconds += time.perf_counter() - started
         return result
 
     def cost(self) -> dict[str, float]:
-        return {"evaluations": self.evaluations, "evaluation_seconds": round(self.seconds, 3), "images": self.images}
+        return {"evaluations": self.evaluations, "evaluation_seconds": round(self.seconds, 3), "images": self.images,
+                "bn_images": self.bn_images}
+
+
+def bn_batches(data: SearchData, images: int, seed: int, device: str | torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 256) -> list:
+    """The fixed training images every evaluation re-estimates BatchNorm on, as ready batches (seeded, stratified)."""
+    subset = data.subset("train", images, seed)
+    return [(subset.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=memory_format),
+             subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]

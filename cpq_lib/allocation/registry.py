@@ -6,6 +6,7 @@ evaluations) and class scores computed from training images, so none can read th
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 from ..classpath import ClassScores
@@ -19,11 +20,16 @@ from .space import AllocationError, Target
 ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
     "uniform": uniform,
     "random": random_bits,
-    "class_count": class_count,
+    "class_count": class_count,                                     # the reference's class count, max_p sum_c
+    "class_count_sum": partial(class_count, count="sum_of_maxima"),  # the sum of the per-class maxima
     "sensitivity": sensitivity,
-    "classpath": classpath,
+    "classpath": classpath,                                         # preset "reference" (GUIDE 1.1)
+    "classpath_cpq": partial(classpath, preset="cpq"),              # this package's variant
+    "classpath_random_paths": partial(classpath, paths="random"),   # ablation: random paths, same per-layer sizes
+    "classpath_reversed": partial(classpath, order="descending"),   # ablation: the reference's order reversed
 }
-NEEDS_SCORES = ("class_count", "classpath")
+NEEDS_SCORES = ("class_count", "class_count_sum", "classpath", "classpath_cpq", "classpath_random_paths",
+                "classpath_reversed")
 
 
 def allocate(method: str, evaluator: SearchEvaluator, target: Target, *, scores: ClassScores | None = None,
@@ -38,4 +44,5 @@ def allocate(method: str, evaluator: SearchEvaluator, target: Target, *, scores:
     if average > target.max_bits + 1e-9:  # every allocator promises this; a violation is a bug, not bad input
         raise AssertionError(f"{method} returned {average:.4f} bits, above the budget {target.max_bits:.4f}")
     result.plan.meta["seed"] = seed
+    result.plan.meta["allocator"] = method  # the arm's name (classpath_cpq, not classpath)
     return result

@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..classpath import ClassScores
 from ..quant import BitPlan
+from .statistics import Interval, mcnemar, mean_interval, paired_difference, unpack_correct
 
 
 def plan_digest(plan: BitPlan | dict) -> str:
@@ -41,49 +42,106 @@ def class_bits_table(details: dict) -> pd.DataFrame:
     return pd.DataFrame({"class": list(details["class_bits"]), "bits": list(details["class_bits"].values())})
 
 
-def comparison_table(frame: pd.DataFrame, value: str = "test_after") -> pd.DataFrame:
-    """Per target and allocator: runs, mean and standard deviation (over seeds) of ``value``, mean
-    average bits, BitOPs, evaluations and search seconds."""
-    grouped = frame.groupby(["target", "allocator"])
-    table = grouped.agg(runs=(value, "size"), mean=(value, "mean"), std=(value, "std"),
-                        average_bits=("average_bits", "mean"), bitops=("bitops", "mean"),
-                        evaluations=("evaluations", "mean"), search_seconds=("search_seconds", "mean"))
-    return table.reset_index()
+def comparison_table(frame: pd.DataFrame, value: str = "test_after", level: float = 0.95) -> pd.DataFrame:
+    """Per target and allocator: runs, mean, standard deviation and the ``level`` confidence interval (over
+    seeds, Student-t) of ``value``, mean average bits, BitOPs, evaluations and search seconds."""
+    rows = []
+    for (target, allocator), part in frame.groupby(["target", "allocator"], sort=False):
+        interval = mean_interval(part[value], level)
+        rows.append({"target": target, "allocator": allocator, "runs": len(part), "mean": interval.mean,
+                     "std": float(part[value].std()) if len(part) > 1 else float("nan"),
+                     "ci_low": interval.low, "ci_high": interval.high,
+                     "average_bits": float(part["average_bits"].mean()), "bitops": float(part["bitops"].mean()),
+                     "evaluations": float(part["evaluations"].mean()), "search_seconds": float(part["search_seconds"].mean())})
+    return pd.DataFrame(rows)
 
 
 TARGET_ORDER = ("W2A2", "W3A3", "W4A4")
+BUDGET_TOLERANCE = 0.01  # arms at one point must spend the same bits to within this, or the row is flagged
+# the pre-specified contrasts (arm, baseline), named before the results: the class ingredient against the
+# strongest non-class baselines and against its own ablation
+CONTRASTS = tuple((arm, base) for arm in ("classpath", "classpath_cpq")
+                  for base in ("uniform", "sensitivity", "classpath_random_paths"))
 
 
-def _cell(mean: float, std: float, runs: int) -> str:
-    return f"{100 * mean:.2f}" if runs < 2 or pd.isna(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _cell(interval: Interval) -> str:
+    if interval.n == 0:
+        return "–"
+    if interval.n < 2:
+        return f"{100 * interval.mean:.2f}"
+    return f"{100 * interval.mean:.2f} ± {100 * interval.half_width:.2f}"
 
 
-def markdown_comparison(frame: pd.DataFrame) -> str:
-    """The comparison as a Markdown table (the README's): per target and allocator, test accuracy after
-    refinement (mean ± std over seeds, %), before refinement, validation after, average bits, BitOPs and
-    search cost; then per target ``classpath`` minus the best other allocator by mean test accuracy."""
-    rows = ["| target | allocator | seeds | test after (%) | test before (%) | val after (%) | avg bits | GBitOPs "
-            "| evaluations | search s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    grouped = frame.groupby(["target", "allocator"])
-    stats = grouped.agg(runs=("test_after", "size"), test=("test_after", "mean"), test_std=("test_after", "std"),
-                        before=("test_before", "mean"), before_std=("test_before", "std"),
-                        val=("val_after", "mean"), val_std=("val_after", "std"), bits=("average_bits", "mean"),
-                        bitops=("bitops", "mean"), evaluations=("evaluations", "mean"),
-                        seconds=("search_seconds", "mean")).reset_index()
+def _target_key(column: pd.Series) -> pd.Series:
     order = {t: i for i, t in enumerate(TARGET_ORDER)}
-    stats = stats.sort_values(["target", "test"], key=lambda c: c.map(order) if c.name == "target" else -c)
-    deltas = []
-    for target, part in stats.groupby("target", sort=False):
-        for r in part.itertuples():
-            rows.append(f"| {target} | {r.allocator} | {r.runs} | {_cell(r.test, r.test_std, r.runs)} "
-                        f"| {_cell(r.before, r.before_std, r.runs)} | {_cell(r.val, r.val_std, r.runs)} | {r.bits:.3f} "
-                        f"| {r.bitops / 1e9:.3f} | {r.evaluations:.0f} | {r.seconds:.0f} |")
-        others = part[part["allocator"] != "classpath"]
-        if "classpath" in set(part["allocator"]) and len(others):
-            best = others.loc[others["test"].idxmax()]
-            mine = float(part.loc[part["allocator"] == "classpath", "test"].iloc[0])
-            deltas.append(f"{target}: classpath − best other ({best['allocator']}) = {100 * (mine - best['test']):+.2f} points")
-    return "\n".join(rows) + ("\n\n" + "; ".join(deltas) + "." if deltas else "") + "\n"
+    return column.map(lambda t: order.get(t, len(order)))
+
+
+def markdown_comparison(frame: pd.DataFrame, records: dict[str, dict] | None = None, level: float = 0.95) -> str:
+    """The comparison as Markdown: per point and arm, mean ± the ``level`` CI half-width over seeds (%) of test
+    accuracy after and before refinement and of validation accuracy after, average bits (flagged † when an
+    arm spends more than 0.01 bits less than the point's highest), GBitOPs and search cost; then each
+    pre-specified contrast (:data:`CONTRASTS`) as a paired difference over seeds with its CI and, when the
+    runs' records are given (``records``: run name -> record), an exact McNemar test per seed."""
+    rows = [f"| target | allocator | seeds | test after (%) | test before (%) | val after (%) | avg bits | GBitOPs "
+            f"| evaluations | search s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    flagged = False
+    frame = frame.sort_values("target", key=_target_key, kind="stable")
+    for target, part in frame.groupby("target", sort=False):
+        cells = []
+        for allocator, runs in part.groupby("allocator", sort=False):
+            cells.append((mean_interval(runs["test_after"], level).mean, allocator, runs))
+        highest = part.groupby("allocator")["average_bits"].mean().max()
+        for _, allocator, runs in sorted(cells, key=lambda c: -c[0]):
+            bits = float(runs["average_bits"].mean())
+            flag = " †" if highest - bits > BUDGET_TOLERANCE + 1e-12 else ""
+            flagged = flagged or bool(flag)
+            rows.append(f"| {target} | {allocator} | {len(runs)} | {_cell(mean_interval(runs['test_after'], level))} "
+                        f"| {_cell(mean_interval(runs['test_before'], level))} | {_cell(mean_interval(runs['val_after'], level))} "
+                        f"| {bits:.3f}{flag} | {runs['bitops'].mean() / 1e9:.3f} | {runs['evaluations'].mean():.0f} "
+                        f"| {runs['search_seconds'].mean():.0f} |")
+    text = "\n".join(rows) + "\n"
+    if flagged:
+        text += f"\n† spends more than {BUDGET_TOLERANCE} bits less than the point's highest arm: not an equal budget.\n"
+    lines = contrast_table(frame, records, level)
+    if len(lines):
+        text += ("\n| target | contrast | paired seeds | difference, test after (points) | 95% CI | McNemar p per seed |\n"
+                 "|---|---|---|---|---|---|\n")
+        for r in lines.itertuples():
+            ci = "–" if pd.isna(r.ci_low) else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]"
+            p = "–" if not r.mcnemar_p else ", ".join(f"{v:.2g}" for v in r.mcnemar_p)
+            text += f"| {r.target} | {r.arm} − {r.baseline} | {r.pairs} | {100 * r.difference:+.2f} | {ci} | {p} |\n"
+    return text
+
+
+def contrast_table(frame: pd.DataFrame, records: dict[str, dict] | None = None, level: float = 0.95,
+                   contrasts=CONTRASTS, value: str = "test_after") -> pd.DataFrame:
+    """Each contrast (arm, baseline) at each point, paired by seed: the mean difference of ``value`` with
+    its CI, and the per-seed McNemar p-values over the test images (when ``records`` hold them)."""
+    out = []
+    for target, part in frame.groupby("target", sort=False):
+        for arm, base in contrasts:
+            a = part[part["allocator"] == arm].set_index("seed")
+            b = part[part["allocator"] == base].set_index("seed")
+            seeds = sorted(set(a.index) & set(b.index))
+            if not seeds:
+                continue
+            interval = paired_difference(a.loc[seeds, value].to_numpy(), b.loc[seeds, value].to_numpy(), level)
+            p_values = []
+            if records is not None and "run" in part.columns:
+                for seed in seeds:
+                    ra, rb = records.get(a.loc[seed, "run"]), records.get(b.loc[seed, "run"])
+                    if ra is None or rb is None:
+                        continue
+                    try:
+                        test = mcnemar(unpack_correct(ra["results"]["after_refinement"]["test_correct"]),
+                                       unpack_correct(rb["results"]["after_refinement"]["test_correct"]))
+                    except KeyError:  # records written before per-image correctness was kept
+                        continue
+                    p_values.append(test.p_value)
+            out.append({"target": target, "arm": arm, "baseline": base, "pairs": len(seeds), "difference": interval.mean,
+                        "ci_low": interval.low, "ci_high": interval.high, "mcnemar_p": p_values})
+    return pd.DataFrame(out, columns=["target", "arm", "baseline", "pairs", "difference", "ci_low", "ci_high", "mcnemar_p"])
 
 
 COMPARISON_COLUMNS = ("target", "allocator", "test_after", "test_before", "val_after", "average_bits", "bitops",
@@ -127,11 +185,43 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m cpq_lib.allocation", description=main.__doc__)
     parser.add_argument("csv", help="a sweep's results.csv")
+    parser.add_argument("--records", help="a folder of the runs' record JSON files (<run>.json, or <run>/record.json): "
+                                          "adds McNemar tests over the test images")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     args = parser.parse_args(argv)
     try:
+        if not 0 < args.level < 1:
+            raise ValueError(f"--level must lie in (0, 1), got {args.level}")
         frame = read_results(args.csv)
+        records = read_records(args.records, frame) if args.records else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown_comparison(frame), end="")
+    print(markdown_comparison(frame, records, args.level), end="")
     return 0
+
+
+def read_records(folder: str, frame: pd.DataFrame) -> dict[str, dict]:
+    """Records of the CSV's runs from ``folder`` (``<run>.json`` or ``<run>/record.json``); ValueError if absent."""
+    from pathlib import Path
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--records {root}: no such folder")
+    if "run" not in frame.columns:
+        raise ValueError("the results CSV has no 'run' column to match records by")
+    records = {}
+    for run in frame["run"]:
+        for path in (root / f"{run}.json", root / run / "record.json"):
+            if path.is_file():
+                try:
+                    record = json.loads(path.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise ValueError(f"{path} is not a run record ({exc})") from None
+                if not isinstance(record, dict) or "results" not in record:
+                    raise ValueError(f"{path} is not a run record: it has no 'results'")
+                records[run] = record
+                break
+    if not records:
+        raise ValueError(f"--records {root}: none of the CSV's {len(frame)} runs has a record there")
+    return records

@@ -53,6 +53,9 @@ def score_classes_per_image(model: nn.Module, batches: Iterable, num_classes: in
                     hits[name][int(y)] += active.cpu()
                 counts[int(y)] += 1
     names = [n for n, _ in modules]
-    return ClassScores({n: (hits[n] / counts[:, None, None]).amax(2) for n in names}, list(class_names or range(num_classes)),
+    fractions = {n: hits[n] / counts[:, None, None] for n in names}  # (classes, channels, positions)
+    position_counts = {n: f.sum(0).amax(1) for n, f in fractions.items()} if settings.aggregate == "position" else None
+    return ClassScores({n: f.amax(2) for n, f in fractions.items()}, list(class_names or range(num_classes)),
                        counts.long().tolist(), [], {"scorer": "taylor", "target": settings.target, "eps": settings.eps,
-                                                    "aggregate": settings.aggregate, "reference": "per-image"})
+                                                    "aggregate": settings.aggregate, "reference": "per-image"},
+                       position_counts)

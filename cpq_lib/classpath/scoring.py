@@ -88,6 +88,8 @@ class ClassScores:
     images_per_class: list[int]
     full_precision: list[str]
     settings: dict[str, Any]
+    # the reference's class count per channel, max_p sum_c mean_{x in c} [t > eps] (position aggregate only)
+    position_counts: dict[str, torch.Tensor] | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -97,9 +99,20 @@ class ClassScores:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def class_count(self) -> dict[str, torch.Tensor]:
-        """Class-based quantization's score: per channel, the sum of its class scores (in [0, C])."""
-        return {name: score.sum(0) for name, score in self.scores.items()}
+    def class_count(self, order: str = "sum_of_maxima") -> dict[str, torch.Tensor]:
+        """Per channel, how many classes it matters for (in [0, C]).
+
+        ``"reference"``: the reference's order (``get_neuron_score``), the per-position fractions summed
+        over classes, then the max over positions; ``"sum_of_maxima"``: the sum of the class scores
+        (each already a max over positions), which is at least as large.
+        """
+        if order == "sum_of_maxima":
+            return {name: score.sum(0) for name, score in self.scores.items()}
+        if order != "reference":
+            raise ScoringError(f"unknown class-count order {order!r}; allowed: reference, sum_of_maxima")
+        if self.position_counts is None:
+            raise ScoringError("these scores hold no per-position class counts (they need ScoreSettings(aggregate='position'))")
+        return dict(self.position_counts)
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy table: layer, depth, channel, class, score, full_precision."""
@@ -116,7 +129,7 @@ class ClassScores:
     def save(self, path: str | os.PathLike) -> None:
         atomic_torch_save({"format": FORMAT, "scores": self.scores, "class_names": self.class_names,
                            "images_per_class": self.images_per_class, "full_precision": self.full_precision,
-                           "settings": self.settings}, path)
+                           "settings": self.settings, "position_counts": self.position_counts}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassScores":
@@ -126,8 +139,9 @@ class ClassScores:
             raise ScoringError(f"class scores {path} are unreadable: {exc}") from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ScoringError(f"{path} is not a class-score file ({FORMAT})")
+        counts = payload.get("position_counts")
         return cls(dict(payload["scores"]), list(payload["class_names"]), list(payload["images_per_class"]),
-                   list(payload["full_precision"]), dict(payload["settings"]))
+                   list(payload["full_precision"]), dict(payload["settings"]), None if counts is None else dict(counts))
 
 
 def scored_modules(model: nn.Module, names: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -281,12 +295,15 @@ def score_classes(model: nn.Module, batches: Iterable, num_classes: int, class_n
     if empty:
         label = [class_names[c] for c in empty] if class_names else empty
         raise ScoringError(f"class(es) {label} have no images in the scoring data; every class needs at least one")
+    counts = None
     if settings.aggregate == "position":  # mean over each class's images per position, then max over positions
-        scores = {n: (totals[n].double() / per_class[:, None, None].double()).amax(1).float() for n in names}
+        fractions = {n: totals[n].double() / per_class[:, None, None].double() for n in names}
+        scores = {n: f.amax(1).float() for n, f in fractions.items()}
+        counts = {n: f.sum(0).amax(0).float() for n, f in fractions.items()}  # the reference's class count
     else:
         scores = {n: (totals[n] / per_class[:, None].double()).float() for n in names}
     return ClassScores(scores, list(class_names or [str(c) for c in range(num_classes)]), per_class.tolist(),
-                       [n for n in names if n in set(full_precision)], asdict(settings))
+                       [n for n in names if n in set(full_precision)], asdict(settings), counts)
 
 
 def cached_scores(cache_dir: str | os.PathLike, model: nn.Module, data_key: dict[str, Any], compute, settings: ScoreSettings) -> ClassScores:

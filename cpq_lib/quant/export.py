@@ -39,16 +39,16 @@ DIGEST_BYTES = 32
 DTYPES = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16, "uint16": np.uint16, "float32": np.float32}
 
 
-def _offsets(bits: torch.Tensor, signed: bool) -> torch.Tensor:
+def _offsets(bits: torch.Tensor, signed: bool, narrow: bool = True) -> torch.Tensor:
     """Per-channel offset that maps codes to unsigned values (code - qmin); sign codes map to 0/1 below."""
-    qmin, _ = integer_range(bits, signed)
+    qmin, _ = integer_range(bits, signed, narrow)
     return qmin
 
 
-def pack_codes(codes: torch.Tensor, bits: torch.Tensor, signed: bool) -> np.ndarray:
+def pack_codes(codes: torch.Tensor, bits: torch.Tensor, signed: bool, narrow: bool = True) -> np.ndarray:
     """Pack a (out, per_channel) matrix of integer codes at per-row bit-widths into bytes."""
     rows, per_row = codes.shape
-    unsigned = codes - _offsets(bits, signed)[:, None]
+    unsigned = codes - _offsets(bits, signed, narrow)[:, None]
     binary = (bits == 1) & signed
     unsigned = torch.where(binary[:, None], (codes + 1) / 2, unsigned)
     widths = bits.repeat_interleave(per_row).numpy()
@@ -58,14 +58,14 @@ def pack_codes(codes: torch.Tensor, bits: torch.Tensor, signed: bool) -> np.ndar
     return np.packbits(stream, bitorder="little")
 
 
-def unpack_codes(packed: np.ndarray, bits: torch.Tensor, per_row: int, signed: bool) -> torch.Tensor:
+def unpack_codes(packed: np.ndarray, bits: torch.Tensor, per_row: int, signed: bool, narrow: bool = True) -> torch.Tensor:
     widths = bits.repeat_interleave(per_row).numpy()
     mask = np.arange(16)[None, :] < widths[:, None]
     stream = np.unpackbits(packed, bitorder="little", count=int(widths.sum())).astype(bool)
     planes = np.zeros(mask.shape, dtype=bool)
     planes[mask] = stream
     values = torch.from_numpy((planes * (1 << np.arange(16))).sum(axis=1).astype(np.float32)).view(len(bits), per_row)
-    codes = values + _offsets(bits, signed)[:, None]
+    codes = values + _offsets(bits, signed, narrow)[:, None]
     binary = (bits == 1) & signed
     return torch.where(binary[:, None], values * 2 - 1, codes)
 
@@ -75,10 +75,12 @@ def _layer_entries(name: str, layer: QuantizedLayer) -> dict[str, np.ndarray]:
     weight = layer.weight.detach().cpu()
     codes = q.codes(layer.weight.detach()).cpu().reshape(weight.shape[0], -1)
     entries = {
-        f"{name}:codes": pack_codes(codes, q.bits.cpu(), q.symmetric),
+        f"{name}:codes": pack_codes(codes, q.bits.cpu(), q.symmetric, q.narrow),
         f"{name}:bits": q.bits.cpu().numpy().astype(np.uint8),
         f"{name}:scale": q.scale.detach().cpu().numpy().astype(np.float32),
     }
+    if not q.narrow:  # the full signed grid; absent: the narrow one (files written before the option)
+        entries[f"{name}:full_grid"] = np.array([1], dtype=np.uint8)
     if q.zero_point is not None:
         entries[f"{name}:zero_point"] = q.zero_point.cpu().numpy().astype(np.uint16)  # 0..65535 at 16 bits
     if q.granularity == "block":
@@ -205,7 +207,10 @@ def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray
     packed = _entry(arrays, f"{name}:codes", path)
     if packed.size * 8 < int(bits.sum()) * per_row:
         raise CheckpointError(f"{path}: layer {name!r} holds {packed.size} bytes of codes, its bit-widths need more")
-    codes = unpack_codes(packed, bits, per_row, q.symmetric).view(layer.weight.shape)
+    if (f"{name}:full_grid" in arrays) == q.narrow:
+        raise CheckpointError(f"{path}: layer {name!r} was written on the {'full' if q.narrow else 'narrow'} weight grid, "
+                              f"the model quantizes on the {q.grid_name} one (QuantConfig.weight_grid)")
+    codes = unpack_codes(packed, bits, per_row, q.symmetric, q.narrow).view(layer.weight.shape)
     expand = lambda v: v[row_groups][:, col_groups].view(q.weight_shape) if v.shape[1] > 1 else v[row_groups].view(q.weight_shape[0], *(1,) * (len(q.weight_shape) - 1))  # noqa: E731
     values["weight"] = dequantize_codes(codes, expand(scale), None if zero_point is None else expand(zero_point))
     if layer.bias is not None:

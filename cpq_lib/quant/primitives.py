@@ -5,8 +5,10 @@ One function, :func:`fake_quantize`, covers every granularity: the shapes of ``s
 per output channel, the full weight shape per block). Bit-widths are tensors too, so channels of one
 layer can hold 0, 1, 2, ... 16 bits without a Python loop.
 
-Grids (``integer_range``): signed b >= 2 bits is the narrow symmetric range [-(2^(b-1)-1), 2^(b-1)-1];
-signed 1 bit is the sign {-1, +1} (``binary``); unsigned b bits is [0, 2^b - 1]; 0 bits is zero.
+Grids (``integer_range``): signed b >= 2 bits is the narrow symmetric range [-(2^(b-1)-1), 2^(b-1)-1]
+by default, or with ``narrow=False`` the full two's-complement range [-2^(b-1), 2^(b-1)-1] (LSQ's: four
+levels at 2 bits instead of the ternary {-1, 0, 1}); signed 1 bit is the sign {-1, +1} (``binary``) on
+either; unsigned b bits is [0, 2^b - 1]; 0 bits is zero.
 
 The backward is a straight-through estimator: the gradient w.r.t. ``x`` passes where the rounded
 value lies inside [qmin, qmax] (|x/s| <= 1 for the sign grid), and the gradient w.r.t. ``scale`` is
@@ -25,21 +27,23 @@ MAX_BITS = 16
 MIN_SCALE = 1e-8  # an all-zero channel gets this scale: its codes and outputs are exactly 0, never NaN
 
 
-def integer_range(bits: torch.Tensor | int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qmin, qmax) as float tensors for integer ``bits`` (0..16)."""
+def integer_range(bits: torch.Tensor | int, signed: bool, narrow: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmin, qmax) as float tensors for integer ``bits`` (0..16); ``narrow=False``: the full signed grid."""
     b = torch.as_tensor(bits, dtype=torch.float32)
     if signed:
         qmax = torch.where(b >= 2, torch.exp2(b - 1) - 1, torch.where(b == 1, 1.0, 0.0))
-        return -qmax, qmax
+        if narrow:
+            return -qmax, qmax
+        return torch.where(b >= 2, -torch.exp2(b - 1), -qmax), qmax
     qmax = torch.where(b >= 1, torch.exp2(b) - 1, 0.0)
     return torch.zeros_like(qmax), qmax
 
 
-def integer_range_int(bits: int, signed: bool) -> tuple[int, int]:
+def integer_range_int(bits: int, signed: bool, narrow: bool = True) -> tuple[int, int]:
     """:func:`integer_range` for one Python int (no tensors: used on the per-call hot path)."""
     if signed:
         top = 2 ** (bits - 1) - 1 if bits >= 2 else (1 if bits == 1 else 0)
-        return -top, top
+        return (-top if narrow or bits < 2 else -top - 1), top
     return 0, (2 ** bits - 1 if bits >= 1 else 0)
 
 
@@ -175,10 +179,13 @@ def lsq_grad_factor(numel: int, qmax: float) -> float:
     return 1.0 / math.sqrt(max(1.0, numel * max(qmax, 1.0)))
 
 
-def max_scale(absmax: torch.Tensor, bits: torch.Tensor | int, signed: bool) -> torch.Tensor:
-    """Scale that maps ``absmax`` to the largest code (symmetric grids)."""
-    _, qmax = integer_range(bits, signed)
-    return absmax / qmax.clamp_min(1.0)
+def max_scale(absmax: torch.Tensor, bits: torch.Tensor | int, signed: bool, narrow: bool = True) -> torch.Tensor:
+    """Scale that maps ``absmax`` to the largest code (symmetric grids); on the full signed grid to
+    ``2^(b-1) - 0.5``, the middle of its two extreme magnitudes (PTQ4ViT's start)."""
+    qmin, qmax = integer_range(bits, signed, narrow)
+    if narrow or not signed:
+        return absmax / qmax.clamp_min(1.0)
+    return absmax / torch.where(qmin < -qmax, qmax + 0.5, qmax).clamp_min(1.0)
 
 
 def asymmetric_params(minimum: torch.Tensor, maximum: torch.Tensor, bits: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from .primitives import (
 
 GRANULARITIES = ("tensor", "channel", "block")
 SCALE_INITS = ("max", "mse")
+WEIGHT_GRIDS = ("narrow", "full")  # signed weights: [-(2^(b-1)-1), 2^(b-1)-1] or [-2^(b-1), 2^(b-1)-1]
 MSE_GRID = (0.01, 1.2, 100)  # PTQ-SL's candidate range: scale0 * (alpha + i * (beta - alpha) / n)
 
 
@@ -70,8 +71,10 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, weight_shape: Sequence[int], bits: int | torch.Tensor = 8, granularity: str = "channel",
                  blocks: tuple[int, int] | None = None, symmetric: bool = True, learnable: bool = False,
-                 init: str = "max") -> None:
+                 init: str = "max", grid: str = "narrow") -> None:
         super().__init__()
+        if grid not in WEIGHT_GRIDS:
+            raise ValueError(f"unknown weight grid {grid!r}; allowed: {', '.join(WEIGHT_GRIDS)}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
         if init not in SCALE_INITS:
@@ -87,6 +90,7 @@ class WeightQuantizer(nn.Module):
                 raise ValueError("granularity 'block' needs blocks=(output groups, input groups)")
             n_v, n_h = blocks
         self.symmetric = symmetric
+        self.narrow = grid == "narrow" or not symmetric  # asymmetric weights use the unsigned grid
         self.learnable = learnable
         self.init_method = init
         bits_tensor = check_bits(bits).expand(rows).clone() if check_bits(bits).dim() == 0 else check_bits(bits)
@@ -129,7 +133,7 @@ class WeightQuantizer(nn.Module):
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(qmin, qmax, binary mask) broadcastable against the weight."""
-        qmin, qmax = integer_range(self.bits, self.symmetric)
+        qmin, qmax = integer_range(self.bits, self.symmetric, self.narrow)
         binary = binary_mask(self.bits, self.symmetric)
         return (self._rows(qmin.to(self.scale.device)), self._rows(qmax.to(self.scale.device)),
                 None if binary is None else self._rows(binary))
@@ -172,7 +176,7 @@ class WeightQuantizer(nn.Module):
         block_bits = block_reduce(self.bits.float()[:, None].expand_as(w2d), self.row_groups, self.col_groups, shape, "amax")
         if self.symmetric:
             absmax = block_reduce(w2d.abs(), self.row_groups, self.col_groups, shape, "amax")
-            scale = max_scale(absmax, block_bits, signed=True)
+            scale = max_scale(absmax, block_bits, signed=True, narrow=self.narrow)
             mean_abs = block_reduce(w2d.abs(), self.row_groups, self.col_groups, shape, "mean")
             scale = torch.where(block_bits == 1, mean_abs, scale)  # sign grid: s = mean |w|
             zero_point = None
@@ -226,10 +230,14 @@ class WeightQuantizer(nn.Module):
         zero_point = None if self.zero_point is None else self._expand(self.zero_point)
         return quantize_to_codes(weight, self._expand(self.scale), zero_point, qmin, qmax, binary)
 
+    @property
+    def grid_name(self) -> str:
+        return "narrow" if self.narrow else "full"
+
     def extra_repr(self) -> str:
         bits = self.bits
         return (f"granularity={self.granularity}, blocks={self.blocks}, bits={int(bits.min())}..{int(bits.max())}, "
-                f"symmetric={self.symmetric}, learnable={self.learnable}")
+                f"symmetric={self.symmetric}, grid={self.grid_name}, learnable={self.learnable}")
 
 
 class ActivationQuantizer(nn.Module):

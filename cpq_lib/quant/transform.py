@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..devices import check_model_device
 from .modules import QConv2d, QuantizedLayer, QuantizedSubclass, quantized_twin
-from .quantizers import GRANULARITIES, SCALE_INITS, ActivationQuantizer, WeightQuantizer, check_bits
+from .quantizers import GRANULARITIES, SCALE_INITS, WEIGHT_GRIDS, ActivationQuantizer, WeightQuantizer, check_bits
 
 DEFAULT_EXCLUDE = ("@first", "@last", "*shortcut*", "*downsample*")
 
@@ -34,6 +34,7 @@ class QuantConfig:
     blocks: tuple[int, int] | None = None  # (output groups, input groups) for granularity "block"
     symmetric: bool = True
     weight_init: str = "max"               # max | mse
+    weight_grid: str = "narrow"            # narrow [-(2^(b-1)-1), 2^(b-1)-1] | full [-2^(b-1), 2^(b-1)-1] (LSQ)
     act_init: str = "max"                  # max | mse
     act_signed: bool | None = None         # None: decided by calibration (unsigned after ReLU)
     learnable_scales: bool = False         # LSQ-style learnable step sizes
@@ -50,6 +51,8 @@ class QuantConfig:
             raise ValueError(f"granularity: {self.granularity!r} is not allowed; choose one of {list(GRANULARITIES)}")
         if self.granularity == "block" and (self.blocks is None or len(self.blocks) != 2 or min(self.blocks) < 1):
             raise ValueError(f"blocks: granularity 'block' needs two positive group counts, got {self.blocks!r}")
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ValueError(f"weight_grid: {self.weight_grid!r} is not allowed; choose one of {list(WEIGHT_GRIDS)}")
         for name in ("weight_init", "act_init"):
             if getattr(self, name) not in SCALE_INITS:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; choose one of {list(SCALE_INITS)}")
@@ -159,7 +162,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     for name, module in todo:
         try:
             weight_quantizer = WeightQuantizer(module.weight.shape, config.weight_bits, config.granularity, config.blocks,
-                                               config.symmetric, config.learnable_scales, config.weight_init)
+                                               config.symmetric, config.learnable_scales, config.weight_init,
+                                               config.weight_grid)
         except ValueError as exc:  # name the layer: one block shape rarely fits every layer of a network
             raise ValueError(f"layer {name!r} (weight {tuple(module.weight.shape)}): {exc}") from exc
         weight_quantizer.to(module.weight.device)

@@ -19,6 +19,7 @@ class EvalResult:
     per_class_accuracy: list[float]
     count: int
     per_class_count: list[int] = field(default_factory=list)
+    correct: torch.Tensor | None = None  # per image, in batch order (``per_image=True``): paired tests need it
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "loss": self.loss, "per_class_accuracy": self.per_class_accuracy,
@@ -35,7 +36,7 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "eval") -> EvalResult:
+             progress: bool = False, desc: str = "eval", per_image: bool = False) -> EvalResult:
     """Evaluate in eval mode (restoring the previous mode afterwards). The model must already be on
     ``device`` (see cpq_lib.devices: functions never move a caller's model)."""
     check_model_device(model, device, "evaluate")
@@ -44,6 +45,7 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
     fmt = memory_format_of(model)
     correct = total = None
     loss_sum = None
+    hits: list[torch.Tensor] = []
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images, labels in progress_bar(batches, progress, desc=desc, leave=False):
         images = images.to(device).contiguous(memory_format=fmt)
@@ -58,11 +60,15 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
         loss_sum += criterion(logits, labels).double()
         one_hot = F.one_hot(labels, num_classes)  # exact integer sums, deterministic on every device
         total += one_hot.sum(0)
-        correct += (one_hot * (logits.argmax(1) == labels).long()[:, None]).sum(0)
+        right = logits.argmax(1) == labels
+        correct += (one_hot * right.long()[:, None]).sum(0)
+        if per_image:
+            hits.append(right)
     model.train(was_training)
     if loss_sum is None or int(total.sum()) == 0:
         raise ValueError("evaluation data is empty")
     correct, total = correct.cpu(), total.cpu()
     count = int(total.sum())
     per_class = [float(c) / float(t) if t else float("nan") for c, t in zip(correct, total)]
-    return EvalResult(float(correct.sum()) / count, float(loss_sum) / count, per_class, count, [int(t) for t in total])
+    return EvalResult(float(correct.sum()) / count, float(loss_sum) / count, per_class, count, [int(t) for t in total],
+                      torch.cat(hits).cpu() if per_image else None)
