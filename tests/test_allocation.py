@@ -31,14 +31,26 @@ def search(digits_baseline, digits):
     return student, data, scores
 
 
+_ALLOCATED: dict = {}
+
+
+def allocated(search, method: str, bits: float):
+    """Each allocator's search on the quick model, made once per session for the tests that read it."""
+    if (method, bits) not in _ALLOCATED:
+        student, data, scores = search
+        evaluator = SearchEvaluator(student, data)
+        result = allocate(method, evaluator, Target(bits, 4), scores=scores, progress=False,
+                          **({"sparsities": [0.5, 0.9]} if method.startswith("classpath") else {}))
+        _ALLOCATED[method, bits] = (result, evaluator.evaluations)
+    return _ALLOCATED[method, bits]
+
+
 @pytest.mark.parametrize("method", sorted(ALLOCATORS))
 @pytest.mark.parametrize("bits", [2.0, 3.0])
 def test_every_allocator_meets_its_budget_with_a_valid_plan(search, method, bits):
     student, data, scores = search
-    evaluator = SearchEvaluator(student, data)
     target = Target(bits, 4)
-    result = allocate(method, evaluator, target, scores=scores, progress=False,
-                      **({"sparsities": [0.5, 0.9]} if method.startswith("classpath") else {}))
+    result, evaluations = allocated(search, method, bits)
     plan = result.plan
     plan.validate(student)
     average = plan.average_weight_bits(student)
@@ -46,7 +58,7 @@ def test_every_allocator_meets_its_budget_with_a_valid_plan(search, method, bits
     assert average >= bits - 1.0, "a plan far below the budget wastes it"
     assert all(layer.activation == 4 for layer in plan.layers.values())
     assert plan.meta["allocator"] == method and plan.meta["target"] == f"W{bits:g}A4"
-    assert result.cost["evaluations"] == evaluator.evaluations >= 1
+    assert result.cost["evaluations"] == evaluations >= 1
     assert 0.0 <= result.accuracy <= 1.0 and len(result.trajectory) >= 1
     assert {"step", "phase", "action", "average_bits", "accuracy", "accepted", "evaluations"} <= set(result.trajectory.columns)
 
@@ -280,3 +292,29 @@ def test_comparison_command_names_what_is_wrong_with_its_file(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01")
     assert main([str(tmp_path / "binary.csv")]) == 2 and "error: " in capsys.readouterr().err
+
+
+SPENDS_THE_BUDGET = ("uniform", "random", "sensitivity")  # class-level steps (class paths, class count) land where they land
+
+
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_allocators_that_spend_the_budget_land_within_0_01_of_its_maximum(search, bits):
+    import pandas as pd
+
+    from cpq_lib.allocation.report import markdown_comparison
+
+    student, data, scores = search
+    target = Target(bits, 4)
+    rows = []
+    for method in sorted(ALLOCATORS):
+        result, _ = allocated(search, method, bits)
+        average = result.plan.average_weight_bits(student)
+        if method in SPENDS_THE_BUDGET:
+            assert target.max_bits - 0.01 - 1e-9 <= average <= target.max_bits + 1e-9, (method, average)
+        rows.append({"target": target.label(), "allocator": method, "seed": 0, "test_after": 0.5, "test_before": 0.5,
+                     "val_after": 0.5, "average_bits": average, "bitops": 1.0, "evaluations": 1, "search_seconds": 1.0})
+    text = markdown_comparison(pd.DataFrame(rows))
+    highest = max(r["average_bits"] for r in rows)
+    for row in rows:  # the table flags every arm that spent more than 0.01 bits less than the highest
+        line = next(line for line in text.splitlines() if line.startswith(f"| {target.label()} | {row['allocator']} |"))
+        assert ("†" in line) == (highest - row["average_bits"] > 0.01 + 1e-12), line

@@ -259,3 +259,26 @@ def test_cache_key_includes_the_full_precision_layers(trained_digits, digits, tm
     second = class_scores(trained_digits, digits, tmp_path, images_per_class=2, exclude=("@first",), progress=False)
     assert first.full_precision == ["stem.0", "classifier"] and second.full_precision == ["stem.0"]
     assert first.settings["cache_key"] != second.settings["cache_key"]
+
+
+def test_reference_class_count_is_max_over_positions_of_the_class_sum(trained_digits, digits, tmp_path):
+    from cpq_lib.classpath.reference import score_classes_per_image
+
+    _, _, loader = _subset(digits, 6)
+    scores = score_classes(trained_digits, loader, 10, digits.classes, progress=False)
+    per_image = score_classes_per_image(trained_digits, loader, 10, digits.classes)
+    reference, summed = scores.class_count("reference"), scores.class_count("sum_of_maxima")
+    for name in scores.layers:
+        # the batched scorer and the one-image-per-pass loop agree on the reference count too
+        assert torch.allclose(reference[name], per_image.position_counts[name].float(), atol=1e-6), name
+        assert bool((reference[name] <= summed[name] + 1e-6).all()), name  # max of sums <= sum of maxima
+    gaps = torch.cat([summed[n] - reference[n] for n in scores.layers])
+    assert float(gaps.max()) > 0.1  # the two orders are different numbers on a trained network
+    scores.save(tmp_path / "s.pt")
+    loaded = ClassScores.load(tmp_path / "s.pt")
+    assert all(torch.equal(loaded.position_counts[n], reference[n]) for n in scores.layers)
+    image_order = score_classes(trained_digits, loader, 10, digits.classes, ScoreSettings(aggregate="image"), progress=False)
+    with pytest.raises(ScoringError, match="no per-position class counts"):
+        image_order.class_count("reference")
+    with pytest.raises(ScoringError, match="unknown class-count order 'max'"):
+        scores.class_count("max")

@@ -264,3 +264,23 @@ def test_an_aliased_layer_is_stored_and_counted_once(tmp_path):
     aliased, single_sizes = sizes["aliased"], sizes["single"]
     assert aliased[:3] == single_sizes[:3]  # were 14,206 vs 4,926 bytes, ratio 1.481 vs 2.386 in the model
     assert abs(aliased[3] - single_sizes[3]) < 200  # the header names differ; the payload is the same
+
+
+def test_full_grid_round_trips_and_a_grid_mismatch_is_refused(tmp_path):
+    from cpq_lib.errors import CheckpointError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    full = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=2, act_bits=None, weight_grid="full",
+                                                       exclude=()))
+    export_packed(full, tmp_path / "full.cpq")
+    again = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=2, act_bits=None, weight_grid="full", exclude=()))
+    import_packed(again, tmp_path / "full.cpq")
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(full(x), again(x))
+    codes = full[0].weight_quantizer.codes(full[0].weight)
+    assert float(codes.min()) == -2.0  # the fourth level is used and survives packing
+    narrow = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=2, act_bits=None, exclude=()))
+    with pytest.raises(CheckpointError, match="written on the full weight grid, the model quantizes on the narrow one"):
+        import_packed(narrow, tmp_path / "full.cpq")

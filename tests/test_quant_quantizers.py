@@ -134,3 +134,23 @@ def test_activation_mse_clip_is_tighter_for_outliers():
         quantizer(data)
         quantizer.finish_observing()
     assert float(by_mse.scale) < float(by_max.scale)
+
+
+def test_full_weight_grid_has_four_levels_at_two_bits_and_the_narrow_three():
+    from cpq_lib.quant.quantizers import WeightQuantizer
+
+    weight = torch.linspace(-1, 1, 64).reshape(2, 32)
+    narrow = WeightQuantizer(weight.shape, 2, "channel", init="max")
+    full = WeightQuantizer(weight.shape, 2, "channel", init="max", grid="full")
+    for q in (narrow, full):
+        q.initialize(weight)
+    codes_n, codes_f = narrow.codes(weight), full.codes(weight)
+    assert set(codes_n.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert set(codes_f.unique().tolist()) == {-2.0, -1.0, 0.0, 1.0}
+    assert torch.allclose(full.scale.flatten(), weight.abs().amax(1) / 1.5)  # max |w| / (2^(b-1) - 0.5)
+    assert "grid=full" in repr(full)
+    one = WeightQuantizer(weight.shape, 1, "channel", grid="full")
+    one.initialize(weight)
+    assert set(one.codes(weight).unique().tolist()) == {-1.0, 1.0}  # 1 bit stays the sign on either grid
+    with pytest.raises(ValueError, match="unknown weight grid 'wide'"):
+        WeightQuantizer(weight.shape, 2, grid="wide")

@@ -4,7 +4,9 @@
 phase 1 measures, for every quantized layer and bit-width 1..N, the validation loss with only that
 layer lowered (the others at 8 bits); phase 2 takes the loss rises as additive (as AIMET and HAWQ do)
 and picks one bit-width per layer that minimises their sum within the budget, exactly, by merging
-Pareto fronts (a greedy "lower the cheapest layer" can strand budget when layers are few and unequal).
+Pareto fronts (a greedy "lower the cheapest layer" can strand budget when layers are few and unequal);
+what one width per layer leaves of the budget is then spent channel by channel on the layers whose next
+width saves the most loss per bit (every allocator of a comparison spends the same budget).
 The table is measured once; the chosen plan is evaluated once.
 """
 
@@ -111,15 +113,36 @@ def sensitivity(evaluator: SearchEvaluator, target: Target, *, start_bits: int |
     if layer_bits is None:
         raise AllocationError(f"sensitivity allocation cannot reach {target.max_bits:.2f} bits with {min_bits} bits per layer")
 
-    def expand() -> torch.Tensor:
-        return torch.cat([torch.full((space.channels[i],), layer_bits[i], dtype=torch.long) for i in range(len(space.names))])
-
-    bits = expand()
+    bits = torch.cat([torch.full((space.channels[i],), layer_bits[i], dtype=torch.long) for i in range(len(space.names))])
+    bits = spend_by_sensitivity(space, bits, layer_bits, rise, target.max_bits, start)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     table = {f"{space.names[i]}@{b}": round(v, 6) for (i, b), v in rise.items()}
     return log.result("sensitivity", bits, target, accuracy,
                       {"start_bits": start, "reference_bits": reference_bits, "min_bits": min_bits},
                       {"loss_rise": table, "layer_bits": dict(zip(space.names, layer_bits))})
+
+
+def spend_by_sensitivity(space, bits: torch.Tensor, layer_bits: list[int], rise: dict[tuple[int, int], float],
+                         limit: float, top: int) -> torch.Tensor:
+    """Spend what the per-layer choice leaves of the budget (with few, unequal layers it can be a lot):
+    raise channels of the layer whose next width saves the most measured loss per added bit, first
+    channels first, one layer after another, while the average stays at most ``limit``. A part of a
+    layer raised counts as that part of the layer's loss saving (the additive model, interpolated)."""
+    bits = bits.clone()
+    weights = space.weights()
+    total = float(weights.sum())
+    spent = float((bits.double() * weights).sum())
+    gains = []
+    for i, b in enumerate(layer_bits):
+        if b < top:
+            gains.append(((rise[i, b] - rise[i, b + 1]) / (space.channels[i] * space.params_per_channel[i]), -i, i))
+    for _, _, i in sorted(gains, reverse=True):  # a saving measured as <= 0 is noise: spend there last, still spend
+        for channel in range(space.offsets[i], space.offsets[i + 1]):
+            if spent + float(weights[channel]) > limit * total + 1e-9:
+                break
+            bits[channel] += 1
+            spent += float(weights[channel])
+    return bits
 
 
 def pareto_knapsack(options: list[list[tuple[float, float, int]]], budget: float) -> list[int] | None:
