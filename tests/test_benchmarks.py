@@ -111,3 +111,9 @@ def test_bench_onnx_times_every_export_against_fp32(bench):
     assert set(record["ratio_to_fp32"]) == {f"{name} ({mode})" for name in ("W8A8", "mixed 0-6 bits, A4")
                                              for mode in ("optimized", "unoptimized")}
     assert all(len(t) == 1 and t[0] > 0 for t in record["seconds"].values()) and len(record["seconds"]) == 6
+
+
+def test_bench_search_bn_records_the_ratio(bench, cifar10_zip):
+    record = bench("bench_search_bn", "--data-root", str(cifar10_zip), "--repeats", "1", "--images", "20")
+    assert record["images"] == 20 and record["ratio_bn_vs_stale"] > 0
+    assert set(record["seconds"]) == {"BN re-estimated (512 images)", "stale BN"}

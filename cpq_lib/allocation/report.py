@@ -30,9 +30,11 @@ def bits_per_layer(plan: BitPlan) -> pd.DataFrame:
 
 
 def bits_and_class_counts(plan: BitPlan, scores: ClassScores) -> pd.DataFrame:
-    """One row per quantized channel: layer, channel, class count (sum of its class scores), bits."""
+    """One row per quantized channel: layer, channel, class count (the reference's order where the scores
+    hold it, else the sum of the class scores), bits."""
+    counts = scores.class_count("reference" if scores.position_counts is not None else "sum_of_maxima")
     frames = [pd.DataFrame({"layer": name, "channel": range(len(layer.weight)),
-                            "class count": scores.scores[name].double().sum(0).numpy(), "bits": layer.weight})
+                            "class count": counts[name].double().numpy(), "bits": layer.weight})
               for name, layer in plan.layers.items()]
     return pd.concat(frames, ignore_index=True)
 
