@@ -85,8 +85,8 @@ def markdown_comparison(frame: pd.DataFrame, records: dict[str, dict] | None = N
     arm spends more than 0.01 bits less than the point's highest), GBitOPs and search cost; then each
     pre-specified contrast (:data:`CONTRASTS`) as a paired difference over seeds with its CI and, when the
     runs' records are given (``records``: run name -> record), an exact McNemar test per seed."""
-    rows = [f"| target | allocator | seeds | test after (%) | test before (%) | val after (%) | avg bits | GBitOPs "
-            f"| evaluations | search s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| target | allocator | seeds | test after (%) | test before (%) | val after (%) | avg bits | GBitOPs "
+            "| evaluations | search s |", "|---|---|---|---|---|---|---|---|---|---|"]
     flagged = False
     frame = frame.sort_values("target", key=_target_key, kind="stable")
     for target, part in frame.groupby("target", sort=False):
