@@ -62,3 +62,14 @@ def test_search_evaluator_reestimates_bn_per_plan_and_leaves_the_model_as_it_was
     assert fresh.cost()["bn_images"] == 512 and stale.cost()["bn_images"] == 0
     with pytest.raises(Exception, match="bn_images must be"):
         SearchEvaluator(student, data, bn_images=-1)
+
+
+def test_a_search_result_records_its_bn_images(digits_baseline, digits):
+    from cpq_lib.allocation import Target, allocate
+
+    data = digits.for_search()
+    student = quantize_(copy.deepcopy(digits_baseline[0]), QuantConfig(weight_bits=8, act_bits=4)).eval()
+    calibrate_(student, data.calibration_loader(64))
+    for images in (0, 100):
+        result = allocate("uniform", SearchEvaluator(student, data, bn_images=images), Target(4, 4), progress=False)
+        assert result.cost["bn_images"] == images

@@ -71,5 +71,5 @@ class SearchLog:
         cost = {"evaluations": self.evaluator.evaluations - self.evaluations_at_start,
                 "evaluation_seconds": round(self.evaluator.seconds - self.seconds_at_start, 3),
                 "search_seconds": round(time.perf_counter() - self.started, 3),
-                "validation_images": self.evaluator.images}
+                "validation_images": self.evaluator.images, "bn_images": getattr(self.evaluator, "bn_images", 0)}
         return AllocationResult(plan, pd.DataFrame(self.rows), cost, accuracy, details or {})
