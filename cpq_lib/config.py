@@ -207,7 +207,8 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
         # CPU, and their numbers reproduce bit for bit (cpq_lib.runtime)
         return {"profile": "quick", "threads": 1, "deterministic": True, "dtype": "float64", "data": {"name": "digits"}, "model": {"name": "digits_cnn"},
                 "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "label_smoothing": 0.0},
-                "allocation": {"images_per_class": 50, "search_images": None},
+                # BatchNorm re-estimated on 64 training images and two path sparsities: searches of seconds
+                "allocation": {"images_per_class": 50, "search_images": None, "bn_images": 64, "sparsities": [0.5, 0.9]},
                 "refine": {"epochs": 3, "batch_size": 64, "lr": 0.01}}
     if profile == "cifar10":
         # the recipe of the shipped resnet20 (see cpq_lib/models/pretrained/resnet20_cifar10.json)

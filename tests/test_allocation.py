@@ -38,7 +38,7 @@ def allocated(search, method: str, bits: float):
     """Each allocator's search on the quick model, made once per session for the tests that read it."""
     if (method, bits) not in _ALLOCATED:
         student, data, scores = search
-        evaluator = SearchEvaluator(student, data)
+        evaluator = SearchEvaluator(student, data, bn_images=64)
         result = allocate(method, evaluator, Target(bits, 4), scores=scores, progress=False,
                           **({"sparsities": [0.5, 0.9]} if method.startswith("classpath") else {}))
         _ALLOCATED[method, bits] = (result, evaluator.evaluations)
