@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_search_bn.py --data-root ../shared/data/cifar10-jpeg.zip [--repeats 5]
 
 The shipped ResNet-20, quantized (W8 until a plan is set, A2, MSE scales, calibrated on 512 training
-images), evaluated by ``SearchEvaluator`` on 2,000 validation images (the ``cifar10`` profile's search
+images), evaluated by ``SearchEvaluator`` on 1,000 validation images (the ``cifar10`` profile's search
 subset) for a fixed mixed plan (per-channel 1..4 bits, seeded) that changes between calls (two plans
 alternate, so every call re-sets the bits as a search does). Variants: ``bn_images=512`` (the default)
 vs ``bn_images=0`` (the reference's stale statistics). Alternating rounds; the ratio is the median of
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=1000)
     args = parser.parse_args(argv)
     data = load_dataset("cifar10", args.data_root).for_search()
     student = quantize_(copy.deepcopy(resnet20()), QuantConfig(weight_bits=8, act_bits=2, weight_init="mse", act_init="mse")).eval()
