@@ -124,7 +124,9 @@ def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures
             started = time.perf_counter()
             print(f"[{profile}] {path.name} ...", flush=True)
             output = path if store else executed_dir / path.name
-            papermill.execute_notebook(str(path), str(output), parameters=parameters, cwd=str(NOTEBOOKS),
+            declared = papermill.inspect_notebook(str(path))  # a results notebook takes no profile or seed
+            papermill.execute_notebook(str(path), str(output), parameters={k: v for k, v in parameters.items() if k in declared},
+                                       cwd=str(NOTEBOOKS),
                                        kernel_name="python3", progress_bar=False, report_mode=False, **engine_options)
             if store:
                 clean_stored_notebook(output)

@@ -5,13 +5,17 @@
 The stored `quick` notebooks' figures are committed; the same numbers render to the same bytes, and
 the pinned float64 `quick` numerics make the numbers the same on any x86-64 CPU with AVX2. A difference
 here means `scripts/reproduce.sh` would leave `git status` dirty on this machine. Only figures that
-were written are compared (a suite narrowed with -k runs fewer notebooks).
+were written are compared (a suite narrowed with -k runs fewer notebooks). The results notebook
+(10_*) draws the committed CIFAR-10 results whatever the profile: its files are compared with
+figures/cifar10/.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+RESULTS_FIGURES = {"10_": "cifar10"}  # notebook prefix -> the figure folder of the results it draws
 
 
 def main(argv: list[str]) -> int:
@@ -24,8 +28,12 @@ def main(argv: list[str]) -> int:
     if not files:
         print(f"compare_figures: no figures under {written} (no notebook ran); nothing to compare")
         return 0
-    missing = [p.name for p in files if not (reference / p.name).is_file()]
-    differ = [p.name for p in files if (reference / p.name).is_file() and p.read_bytes() != (reference / p.name).read_bytes()]
+    def committed(path: Path) -> Path:
+        folder = reference.parent / RESULTS_FIGURES[path.name[:3]] if path.name[:3] in RESULTS_FIGURES else reference
+        return folder / path.name
+
+    missing = [p.name for p in files if not committed(p).is_file()]
+    differ = [p.name for p in files if committed(p).is_file() and p.read_bytes() != committed(p).read_bytes()]
     if missing or differ:
         if differ:
             print(f"figures that differ from {reference}: {', '.join(differ)}", file=sys.stderr)

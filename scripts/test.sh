@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 python="${CPQ_VENV:-.venv}/bin/python"
+# the documentation site's tools, for tests/test_docs.py (pinned; a no-op once installed)
+"$python" -m pip install --quiet --disable-pip-version-check -r docs/requirements.txt 2>&1 | grep -v '^WARNING: Location' >&2 || true
 figures="$(mktemp -d)"
 trap 'rm -rf "$figures"' EXIT
 status=0
