@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements.lock"
 PYPROJECT = REPO / "pyproject.toml"
+DOCS_PINS = REPO / "docs" / "requirements.txt"  # the documentation site's tools, pinned apart from the lock
 CONSTRAINTS = REPO / "constraints.txt"
 def canonicalize_name(name: str) -> str:
     """PEP 503 normalised name (what packaging.utils does; kept here so scripts/lock.sh needs only the
@@ -89,12 +90,26 @@ def installed_versions() -> dict[str, str]:
     return dict(sorted(versions.items()))
 
 
-def lock_differences(installed: dict[str, str] | None = None, path: str | Path = LOCK) -> dict[str, tuple[str | None, str | None]]:
+def docs_pins(path: str | Path = DOCS_PINS) -> dict[str, str]:
+    """``name==version`` lines of the documentation tools' pin file (none where it is absent)."""
+    if not Path(path).is_file():
+        return {}
+    pins = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+)==([^\s;#]+)", line)
+        if match:
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def lock_differences(installed: dict[str, str] | None = None, path: str | Path = LOCK,
+                     extra: str | Path = DOCS_PINS) -> dict[str, tuple[str | None, str | None]]:
     """``{name: (installed, locked)}`` for every installed package whose version is not the locked one
     (locked None: installed but not in the lock). Locked packages that are not installed are not
-    differences: a universal lock also names what only other platforms or Pythons install."""
+    differences: a universal lock also names what only other platforms or Pythons install. The site
+    tools of ``extra`` (scripts/docs.sh installs them) count as locked at their pins."""
     installed = installed_versions() if installed is None else installed
-    locked = {pin.name: pin.version for pin in read_lock(path) if pin.applies()}
+    locked = {**docs_pins(extra), **{pin.name: pin.version for pin in read_lock(path) if pin.applies()}}
     names = set(installed) - NOT_LOCKED
     return {name: (installed.get(name), locked.get(name)) for name in sorted(names)
             if installed.get(name) != locked.get(name)}

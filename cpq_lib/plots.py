@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 import pandas as pd
 import seaborn as sns
 
@@ -226,9 +227,9 @@ def score_heatmaps(scores: dict[str, np.ndarray], class_names: Sequence[str], ti
         ax.grid(False)
         ax.set_title(layer + (" (fp)" if layer in full_precision else ""), fontsize=FONT_SIZE)
         ax.set_xticks([])
-        if index % columns == 0:
-            show = len(class_names) <= 10
-            ax.set_yticks(range(len(class_names)) if show else [], class_names if show else [])
+        if index % columns == 0:  # every second class name where ten would not fit a row's height
+            shown = list(range(0, len(class_names), 2 if len(class_names) > 6 else 1)) if len(class_names) <= 20 else []
+            ax.set_yticks(shown, [class_names[i] for i in shown])
             ax.set_ylabel("class")
         else:
             ax.set_yticks([])
@@ -462,22 +463,21 @@ def comparison(table: pd.DataFrame, x: str = "average_bits", title: str = "", lo
     frame = table.assign(_x=xs)
     for index, (allocator, group) in enumerate(frame.groupby("allocator", sort=False)):
         group = group.sort_values("_x")
-        low = (group["mean"] - group["ci_low"]).fillna(0).clip(lower=0)
-        high = (group["ci_high"] - group["mean"]).fillna(0).clip(lower=0)
+        # an accuracy lies in [0, 100]: a Student-t interval of few seeds can reach past it; drawn truncated
+        low = (group["mean"] - group["ci_low"].clip(lower=0)).fillna(0).clip(lower=0)
+        high = (group["ci_high"].clip(upper=1) - group["mean"]).fillna(0).clip(lower=0)
         ax.errorbar(group["_x"], 100 * group["mean"], yerr=[100 * low, 100 * high], capsize=2, elinewidth=0.8,
                     label=name(allocator), **_style(index))
-    if log_x:
+    spread = float(frame["_x"].max() / frame["_x"].min()) if (frame["_x"] > 0).all() else 1.0
+    if log_x and spread > 4:  # a log axis over less than a factor of 4 only crowds its labels
         ax.set_xscale("log")
-    ax.set(xlabel="GBitOPs (one image)" if x == "bitops" else name(x), ylabel=name(value))
-    if x == "bitops":
-        from matplotlib.ticker import LogLocator, ScalarFormatter
-
         formatter = ScalarFormatter()
         formatter.set_scientific(False)
         ax.xaxis.set_major_formatter(formatter)
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        if log_x:
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4 if width == "single" else 6))
+    ax.set(xlabel="GBitOPs per image" if x == "bitops" else name(x), ylabel=name(value))
     _legend_below(fig, ncol=2 if width == "single" else 3)
     return _finish(fig, title)
 

@@ -33,6 +33,18 @@ def notebook_paths(selection: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def declared_parameters(path: Path) -> set[str]:
+    """Names the notebook's `parameters` cell assigns (papermill injects only those; its own inspector
+    trips over comments that hold braces)."""
+    import re
+
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    return set(re.findall(r"^([A-Za-z_]\w*)\s*=", cells[0].source, re.M)) if cells else set()
+
+
 def clean_stored_notebook(path: Path) -> None:
     """Drop machine paths, timestamps and the injected-parameters cell papermill adds, so stored notebooks
     diff only on content and their `parameters` cell is what a reader edits."""
@@ -124,7 +136,7 @@ def run(profile: str, data_root: str | None, device: str, run_dir: Path, figures
             started = time.perf_counter()
             print(f"[{profile}] {path.name} ...", flush=True)
             output = path if store else executed_dir / path.name
-            declared = papermill.inspect_notebook(str(path))  # a results notebook takes no profile or seed
+            declared = declared_parameters(path)  # a results notebook takes no profile or seed
             papermill.execute_notebook(str(path), str(output), parameters={k: v for k, v in parameters.items() if k in declared},
                                        cwd=str(NOTEBOOKS),
                                        kernel_name="python3", progress_bar=False, report_mode=False, **engine_options)

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
             print(f"figures that differ from {reference}: {', '.join(differ)}", file=sys.stderr)
         if missing:
             print(f"figures not committed under {reference}: {', '.join(missing)}", file=sys.stderr)
-        print("the stored notebooks' figures are not reproduced on this machine (see README, Reproducibility)", file=sys.stderr)
+        print("the stored notebooks' figures are not reproduced on this machine (see docs/reproducibility.md)", file=sys.stderr)
         return 1
     print(f"compare_figures: all {len(files)} figures written by the notebooks equal {reference} byte for byte")
     return 0

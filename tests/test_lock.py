@@ -80,3 +80,15 @@ def test_markers_select_what_this_environment_installs():
 @pytest.mark.skipif(not (Path(sys.prefix) / ".cpq-setup").is_file(), reason="not the environment scripts/setup.sh made")
 def test_the_set_up_environment_holds_exactly_the_locked_versions():
     assert lock_differences() == {}, lock_status()
+
+
+def test_site_tools_count_as_locked_at_their_pins(tmp_path):
+    from cpq_lib.lock import lock_differences
+
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("numpy==2.0.0\n", encoding="utf-8")
+    docs = tmp_path / "docs.txt"
+    docs.write_text("# site tools\nmkdocs==1.6.1\nMarkdown==3.11.3\n", encoding="utf-8")
+    assert lock_differences({"numpy": "2.0.0", "mkdocs": "1.6.1", "markdown": "3.11.3"}, lock, docs) == {}
+    assert lock_differences({"numpy": "2.0.0", "mkdocs": "1.5.0"}, lock, docs) == {"mkdocs": ("1.5.0", "1.6.1")}
+    assert lock_differences({"numpy": "2.0.0", "mkdocs": "1.6.1"}, lock, tmp_path / "absent.txt") == {"mkdocs": ("1.6.1", None)}

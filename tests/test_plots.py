@@ -103,6 +103,8 @@ CASES = {
     "per_class_change": lambda: plots.per_class_change(CLASSES, RNG.uniform(0.3, 0.6, 10), RNG.uniform(0.6, 0.9, 10)),
     "comparison": lambda: plots.comparison(_comparison_table(), "average_bits"),
     "comparison_bitops": lambda: plots.comparison(_comparison_table(), "bitops", log_x=True),
+    "comparison_bitops_narrow": lambda: plots.comparison(_comparison_table().assign(
+        bitops=lambda t: 1.2e7 + 1e5 * np.arange(len(t))), "bitops", log_x=True),
     "before_after": lambda: plots.before_after(_runs()),
     "accuracy_vs_granularity": lambda: plots.accuracy_vs_granularity(_ptqsl(), 0.9),
     "pipeline_accuracy": lambda: plots.pipeline_accuracy(_stages()),
@@ -149,6 +151,13 @@ def test_figure_is_print_sized_and_legible(case):
         renderer = fig.canvas.get_renderer()
         sizes = {round(t.get_fontsize(), 1) for t in _texts(fig)}
         assert sizes and min(sizes) >= 7 and max(sizes) <= 9, (case, sorted(sizes))
+        for ax in fig.axes:  # tick labels do not run into one another
+            for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+                # boxes of slanted labels overlap while their glyphs do not: upright ones only
+                boxes = [t.get_window_extent(renderer) for t in ticks
+                         if t.get_visible() and t.get_text().strip() and t.get_rotation() % 90 == 0]
+                for one, two in zip(boxes, boxes[1:]):
+                    assert not one.overlaps(two), (case, "tick labels collide", [t.get_text() for t in ticks])
         figure_box = fig.bbox
         legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
         for legend in legends:
