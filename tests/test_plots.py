@@ -8,7 +8,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: F401  (the PDF backend must be importable)
 from matplotlib.text import Text
 
 from cpq_lib import plots

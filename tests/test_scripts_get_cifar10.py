@@ -1,7 +1,6 @@
 """scripts/get_cifar10.py asks torchvision for both parts with download=True and reports failures."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
