@@ -43,6 +43,8 @@ def test_stored_notebook_hygiene(path):
     # nbval reads cell tags; the compared cells carry no marker comment for the reader to wade through
     assert any(CHECK in _tags(c) for c in code), "no output is compared by nbval"
     assert not [c for c in code if "NBVAL_CHECK_OUTPUT" in c.source], "use the nbval-check-output tag, not the comment"
+    # nbval's kernel shows no inline figure: a compared cell that draws would differ by the figure's repr
+    assert not [c.source[:80] for c in code if CHECK in _tags(c) and "save_figure" in c.source], "a compared cell draws"
     drawn = [c.source[:80] for c in code if re.search(r"\b(plt|sns|ax|axes)\.|subplots\(", c.source)]
     assert not drawn, f"figures are drawn by cpq_lib.plots, not in cells: {drawn}"
     for cell in code:
