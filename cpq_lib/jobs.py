@@ -2,14 +2,17 @@
 
 Local processes and Slurm go through submitit, which pickles a call (function and arguments) into a job
 folder, runs it in a fresh Python process and pickles back its result or its exception with the
-traceback; its ``LocalExecutor`` needs no set-up, its ``AutoExecutor`` writes and submits the sbatch
-script (job arrays, one GPU per job, array parallelism) on a cluster. What submitit leaves to us: a cap
-on how many local processes run at once (its local executor starts every job it is given), spreading
-local jobs over the GPUs, and collecting failures into one error that names each run and its log.
+traceback; its ``LocalExecutor`` needs no set-up, its ``SlurmExecutor`` writes and submits the sbatch
+script (job arrays, array parallelism, requeueing on the time-limit signal) on a cluster. What submitit
+leaves to us: a cap on how many local processes run at once (its local executor starts every job it is
+given), spreading local jobs over the GPUs, collecting failures into one error that names each run and
+its log, and on Slurm what :mod:`cpq_lib.slurm` adds (requests checked against the partition, job
+states without accounting, re-attaching to running jobs).
 
-Jobs outlive a killed driver (submitit's controllers are meant to); a restarted sweep submits the
-unfinished runs again, and the run lock in :func:`cpq_lib.experiment.run_experiment` makes a second
-copy of a still running job wait for the first and then read its record.
+Jobs outlive a killed driver (submitit's controllers are meant to). Started again, a Slurm driver waits
+for the jobs it had submitted that are still queued or running; locally, it submits the unfinished runs
+again, and the run lock in :func:`cpq_lib.experiment.run_experiment` makes a second copy of a still
+running job wait for the first and then read its record.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import ConfigError, CpqError
 from .progress import progress as progress_bar
+
+if TYPE_CHECKING:
+    from .slurm import Request
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -37,12 +44,16 @@ class ExecutorSettings:
     """How sweep runs are executed.
 
     ``parallel``: most runs at once (local processes; on Slurm the array's parallelism cap).
-    ``gpus_per_job``: None means 1 on Slurm, and locally 1 when CUDA is available (0 otherwise); local
+    ``gpus_per_job``: GPUs per run; None means, on Slurm, 1 where the partition's nodes have GPUs (per
+    ``sinfo``) and 0 elsewhere, and locally 1 when CUDA is available (0 otherwise); local
     jobs are spread round-robin over ``local_gpus`` devices (several jobs may share one GPU: ResNet-20
     steps are bound by kernel launches, so separate processes overlap on the device).
     ``timeout_min``: wall-time limit of each job (Slurm ``--time``; local jobs are stopped after it).
     ``setup``: shell lines run before each job (``module load ...``, ``source venv/bin/activate``).
     ``slurm_args``: further sbatch options, e.g. ``{"qos": "normal", "constraint": "h100"}``.
+    ``max_requeues``: how often Slurm may requeue a job that reached its time limit (submitit checkpoints
+    a :class:`submitit.helpers.Checkpointable` call on the warning signal and requeues it; a sweep's runs
+    resume from their last checkpoint).
     ``runs_per_job``: runs one job executes in turn; a fresh process costs seconds (imports, compiled
     kernels), which is most of a `quick` run, so small runs are worth grouping.
     """
@@ -59,6 +70,7 @@ class ExecutorSettings:
     setup: tuple[str, ...] = ()
     slurm_args: dict[str, Any] = field(default_factory=dict)
     runs_per_job: int = 1
+    max_requeues: int = 3
     job_name: str = "cpq-sweep"
     poll_seconds: float = 0.5
 
@@ -71,6 +83,8 @@ class ExecutorSettings:
             raise ConfigError(f"gpus_per_job must be >= 0, got {self.gpus_per_job}")
         if self.runs_per_job < 1:
             raise ConfigError(f"runs_per_job must be >= 1, got {self.runs_per_job}")
+        if self.max_requeues < 0:
+            raise ConfigError(f"max_requeues must be >= 0, got {self.max_requeues}")
         if self.timeout_min < 1:
             raise ConfigError(f"timeout_min must be >= 1 minute, got {self.timeout_min}")
         if self.kind != "slurm" and (self.partition or self.account or self.slurm_args):
@@ -116,30 +130,66 @@ def local_executor(settings: ExecutorSettings, folder: Path, index: int):
     return executor
 
 
-def slurm_executor(settings: ExecutorSettings, folder: Path):
-    """submitit's AutoExecutor for Slurm: one job per run, submitted as one array."""
-    import submitit
+def _check_slurm_tools() -> None:
+    missing = [tool for tool in ("sbatch", "srun", "squeue", "sinfo") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"executor 'slurm' needs Slurm's {', '.join(missing)} on PATH: start the sweep on a login "
+                          "node of the cluster (or use --executor local)")
 
-    if shutil.which("srun") is None or shutil.which("sbatch") is None:
-        raise ConfigError("executor 'slurm' needs Slurm's srun and sbatch on PATH: start the sweep on a login node "
-                          "of the cluster (or use --executor local)")
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    extra = {f"slurm_{key}": value for key, value in settings.slurm_args.items()}
+
+def _mem(mem_gb: float) -> str:
+    return f"{mem_gb:g}GB" if float(mem_gb).is_integer() else f"{round(mem_gb * 1024)}MB"
+
+
+def slurm_executor(settings: ExecutorSettings, folder: Path, request: Request | None = None):
+    """A Slurm executor for one array of jobs, each asking for ``request`` (resolved from ``sinfo`` when not given)."""
+    from .slurm import SlurmExecutor, partitions, resolve_request
+
+    _check_slurm_tools()
+    if request is None:
+        request = resolve_request(settings.partition, settings.gpus_per_job, settings.cpus_per_task, settings.mem_gb,
+                                  partitions())
+    executor = SlurmExecutor(folder=folder / "%j", max_num_timeout=settings.max_requeues)
+    known = SlurmExecutor._valid_parameters()
+    extra = {key: value for key, value in settings.slurm_args.items() if key in known}
+    others = {key.replace("_", "-"): value for key, value in settings.slurm_args.items() if key not in known}
     executor.update_parameters(
-        name=settings.job_name, timeout_min=settings.timeout_min,
-        gpus_per_node=1 if settings.gpus_per_job is None else settings.gpus_per_job, tasks_per_node=1, nodes=1,
-        cpus_per_task=settings.cpus_per_task, mem_gb=settings.mem_gb, slurm_partition=settings.partition,
-        slurm_account=settings.account, slurm_array_parallelism=settings.parallel,
-        slurm_setup=list(settings.setup) or None, **extra,
+        job_name=settings.job_name, time=settings.timeout_min, nodes=1, ntasks_per_node=1,
+        gpus_per_node=request.gpus or None, cpus_per_task=request.cpus,
+        mem=_mem(request.mem_gb) if request.mem_gb is not None else None, partition=request.partition.name,
+        account=settings.account, array_parallelism=settings.parallel, setup=list(settings.setup),
+        **({"additional_parameters": others} if others else {}), **extra,
     )
     return executor
 
 
 def submit_slurm(calls: list[Call], settings: ExecutorSettings, folder: Path) -> list[tuple[Call, Any]]:
-    executor = slurm_executor(settings, folder)
-    with executor.batch():  # one sbatch --array for the whole grid
-        jobs = [executor.submit(call.function, *call.args) for call in calls]
-    return list(zip(calls, jobs))
+    """Submit ``calls`` as one job array, except those whose job from an earlier driver (the ledger in
+    ``folder``) is still pending or running: those are waited for, not computed twice."""
+    from .slurm import attach, partitions, resolve_request, still_queued, write_ledger
+
+    _check_slurm_tools()
+    request = resolve_request(settings.partition, settings.gpus_per_job, settings.cpus_per_task, settings.mem_gb,
+                              partitions())  # before anything is submitted
+    queued = still_queued([call.name for call in calls], folder)
+    if queued:
+        print(f"{len(queued)} run(s) still queued or running from an earlier start: waiting for their jobs "
+              f"({', '.join(sorted(queued.values()))})", file=sys.stderr)
+    fresh = [call for call in calls if call.name not in queued]
+    submitted: dict[str, Any] = {}
+    if fresh:
+        executor = slurm_executor(settings, folder, request)
+        try:
+            with executor.batch():  # one sbatch --array for the whole grid
+                jobs = [executor.submit(call.function, *call.args) for call in fresh]
+        except Exception as error:  # submitit raises its own error carrying sbatch's message
+            raise SweepError(f"sbatch refused the job array on partition {request.partition.name!r} "
+                             f"({request.partition.describe()}): {error}") from error
+        # submitit makes array tasks its own job objects; ours read states where sacct does not answer
+        submitted = {call.name: attach(folder, job.job_id) for call, job in zip(fresh, jobs)}
+        write_ledger(folder, {name: job.job_id for name, job in submitted.items()})
+    return [(call, submitted[call.name] if call.name in submitted else attach(folder, queued[call.name]))
+            for call in calls]
 
 
 def _error_line(message: str) -> str:
@@ -151,8 +201,17 @@ def _error_line(message: str) -> str:
 
 
 def _failure(call: Call, job: Any) -> Failure | None:
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
     try:
         job.result()
+    except FailedJobError as error:  # the call raised: submitit re-raises it with the job's traceback
+        return Failure(call.name, _error_line(str(error)) or type(error).__name__, str(job.paths.stderr))
+    except UncompletedJobError:  # no result file: the scheduler ended the job (time limit, memory, scancel)
+        log = job.paths.stderr
+        state = job.watcher.get_state(job.job_id, mode="cache")
+        return Failure(call.name, f"job {job.job_id} ended without a result (state: {state}; killed by its time "
+                       "limit, its memory limit or scancel?)", str(log))
     except Exception as error:  # submitit re-raises the job's exception (FailedJobError with the traceback)
         log = getattr(getattr(job, "paths", None), "stderr", None)
         return Failure(call.name, _error_line(str(error)) or type(error).__name__, str(log) if log else None)

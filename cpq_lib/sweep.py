@@ -12,9 +12,12 @@ caches).
 
 Runs execute in this process (``--executor inline``), in local processes (``local``, the default: no
 set-up, ``--parallel N`` at a time, spread over the GPUs) or as a Slurm job array through submitit
-(``slurm``: ``--partition``, one GPU per job, ``--parallel`` caps the array). Job folders (pickled
-calls, logs) are in ``<out>/jobs``. A killed driver leaves its jobs running; started again, it waits
-for them (run locks) instead of computing a run twice.
+(``slurm``: ``--partition``, ``--gpus-per-run`` (default: 1 where the partition has GPUs, else 0),
+``--parallel`` caps the array; a run that reaches its time limit is requeued and resumes from its
+checkpoint). Job folders (pickled calls, logs, the ledger of submitted Slurm jobs) are in
+``<out>/jobs``. A killed driver leaves its jobs running; started again, it waits for them (on Slurm
+it re-attaches to the queued jobs; locally run locks make a second copy wait) instead of computing a
+run twice.
 
 Axes: ``field=v1,v2,...`` (values as JSON where they parse, else strings), or several fields that
 move together, ``field1,field2=a1:a2,b1:b2`` (for example ``allocation.weight_bits,allocation.act_bits=2:2,3:3``).
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from submitit.helpers import Checkpointable
 
 from .config import ExperimentConfig, make_config
 from .errors import ConfigError, CpqError
@@ -122,9 +126,7 @@ def write_results(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str = "refuse") -> list[str]:
-    """Runs of a sweep, one after another, in a fresh process (a local or Slurm job); returns their
-    records' paths. Every run is attempted; failures are raised together at the end."""
+def _run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str = "refuse") -> list[str]:
     data_cache: dict[str, Any] = {}
     done, failed = [], []
     for overrides, run_dir in runs:
@@ -141,6 +143,22 @@ def run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: 
     if failed:
         raise RuntimeError("; ".join(failed))
     return done
+
+
+class RunGroup(Checkpointable):
+    """Runs of a sweep, one after another, in a fresh process (a local or Slurm job); returns their
+    records' paths. Every run is attempted; failures are raised together at the end.
+
+    Checkpointable: when Slurm warns that the job's time limit is near, submitit requeues the same
+    call; started again, finished runs are skipped (their records) and the interrupted one resumes
+    from its last checkpoint, so the call itself is the whole checkpoint."""
+
+    def __call__(self, profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str,
+                 stale: str = "refuse") -> list[str]:
+        return _run_group(profile, runs, shared_dir, stale)
+
+
+run_group = RunGroup()
 
 
 def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ...]]]], out_dir: str | os.PathLike,
@@ -207,13 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--executor", choices=EXECUTORS, default="local",
                       help="local: one process per run (default); slurm: a submitit job array; inline: this process")
     jobs.add_argument("--parallel", type=int, default=1, help="most runs at once (local processes / Slurm array cap)")
-    jobs.add_argument("--gpus-per-job", type=int, default=None, help="default: 1 on Slurm; locally 1 if CUDA is available")
+    jobs.add_argument("--gpus-per-run", "--gpus-per-job", dest="gpus_per_run", type=int, default=None,
+                      help="GPUs per run; default: on Slurm 1 where the partition has GPUs (sinfo), else 0; "
+                           "locally 1 if CUDA is available")
     jobs.add_argument("--runs-per-job", type=int, default=1, help="runs one job executes in turn (saves start-up)")
     jobs.add_argument("--timeout-min", type=int, default=24 * 60, help="wall-time limit per run (minutes)")
     jobs.add_argument("--partition", default=None, help="Slurm partition")
     jobs.add_argument("--account", default=None, help="Slurm account")
-    jobs.add_argument("--cpus-per-task", type=int, default=None)
-    jobs.add_argument("--mem-gb", type=float, default=None)
+    jobs.add_argument("--cpus-per-run", "--cpus-per-task", dest="cpus_per_run", type=int, default=None,
+                      help="CPUs per run (Slurm --cpus-per-task)")
+    jobs.add_argument("--mem-gb", type=float, default=None, help="memory per run (Slurm --mem)")
+    jobs.add_argument("--max-requeues", type=int, default=3,
+                      help="Slurm: times a run that reaches its time limit is requeued to resume from its checkpoint")
     jobs.add_argument("--setup", action="append", default=[], metavar="LINE",
                       help="shell line run before each job, e.g. 'source .venv/bin/activate' (repeatable)")
     jobs.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
@@ -235,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--slurm expects KEY=VALUE (an sbatch option without dashes), got {item!r}")
             key, value = item.split("=", 1)
             slurm_args[key.strip().replace("-", "_")] = value
-        settings = ExecutorSettings(kind=args.executor, parallel=args.parallel, gpus_per_job=args.gpus_per_job,
-                                    timeout_min=args.timeout_min, runs_per_job=args.runs_per_job, partition=args.partition, account=args.account,
-                                    cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, setup=tuple(args.setup),
-                                    slurm_args=slurm_args)
+        settings = ExecutorSettings(kind=args.executor, parallel=args.parallel, gpus_per_job=args.gpus_per_run,
+                                    timeout_min=args.timeout_min, runs_per_job=args.runs_per_job, partition=args.partition,
+                                    account=args.account, cpus_per_task=args.cpus_per_run, mem_gb=args.mem_gb,
+                                    setup=tuple(args.setup), slurm_args=slurm_args, max_requeues=args.max_requeues)
         frame = run_sweep(args.profile, axes, args.out, base, progress=not args.no_progress, executor=settings)
     except CpqError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Executors: settings validation, the local parallelism cap, failures named per run, and the sbatch
-array script the Slurm executor submits (checked against a stand-in ``sbatch`` on PATH)."""
+array script the Slurm executor submits on a GPU partition (stand-in Slurm commands on PATH; the
+real engine is in test_jobs_slurm.py)."""
 
 from __future__ import annotations
 
@@ -77,22 +78,29 @@ def test_local_jobs_are_spread_over_the_gpus(tmp_path):
         local_executor(ExecutorSettings(kind="local", local_gpus=1, gpus_per_job=2), tmp_path, 0)
 
 
-def test_slurm_submits_one_array_with_a_gpu_per_job_and_the_cap(tmp_path, monkeypatch):
+def _stand_in(bin_dir: Path, name: str, body: str) -> None:
+    tool = bin_dir / name
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+
+
+def test_slurm_on_a_gpu_partition_asks_one_gpu_per_run_and_passes_site_options(tmp_path, monkeypatch):
+    """What the CPU-only test cluster (tests/test_jobs_slurm.py) cannot show: GPU partitions, accounts and
+    QOS, checked in the sbatch script submitted to stand-in Slurm commands."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    sbatch = bin_dir / "sbatch"  # answers like Slurm; submitit keeps the script in the job folder
-    sbatch.write_text('#!/bin/sh\necho "Submitted batch job 4242"\n')
-    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
-    settings = ExecutorSettings(kind="slurm", partition="gpu")
-    monkeypatch.setenv("PATH", str(bin_dir))  # no srun: not a cluster
-    with pytest.raises(ConfigError, match="needs Slurm's srun and sbatch on PATH"):
+    _stand_in(bin_dir, "sbatch", 'echo "Submitted batch job 4242"')  # submitit keeps the script in the job folder
+    monkeypatch.setenv("PATH", str(bin_dir))  # no srun, squeue, sinfo: not a cluster
+    settings = ExecutorSettings(kind="slurm", partition="gpu-h100")
+    with pytest.raises(ConfigError, match="needs Slurm's srun, squeue, sinfo on PATH"):
         submit_slurm([Call("r", stamp_interval, (str(tmp_path), "r", 0.0))], settings, tmp_path / "jobs")
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "srun").chmod(0o755)
+    _stand_in(bin_dir, "srun", "exit 0")
+    _stand_in(bin_dir, "squeue", "exit 0")
+    _stand_in(bin_dir, "sinfo", "echo 'cpu*|10|32|128000|(null)'; echo 'gpu-h100|4|64|512000|gpu:h100:8(S:0-1)'")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     settings = ExecutorSettings(kind="slurm", parallel=4, partition="gpu-h100", account="lab", timeout_min=90,
                                 cpus_per_task=8, mem_gb=32, setup=("source /opt/venv/bin/activate",),
-                                slurm_args={"qos": "normal"})
+                                slurm_args={"qos": "normal", "exclusive": True})
     calls = [Call(f"run{i}", stamp_interval, (str(tmp_path), f"run{i}", 0.0)) for i in range(6)]
     jobs = submit_slurm(calls, settings, tmp_path / "jobs")
     assert [call.name for call, _ in jobs] == [f"run{i}" for i in range(6)]
@@ -102,7 +110,21 @@ def test_slurm_submits_one_array_with_a_gpu_per_job_and_the_cap(tmp_path, monkey
     options = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, flags=re.M))
     assert options["array"] == "0-5%4"  # six runs, at most four at once
     assert options["partition"] == "gpu-h100" and options["account"] == "lab" and options["qos"] == "normal"
+    assert "exclusive" in options  # an sbatch option submitit does not know travels as it is
     assert options["gpus-per-node"] == "1" and options["ntasks-per-node"] == "1" and options["nodes"] == "1"
     assert options["time"] == "90" and options["cpus-per-task"] == "8" and options["mem"] == "32GB"
     assert options["job-name"] == "cpq-sweep"
     assert "source /opt/venv/bin/activate" in script
+
+    two = ExecutorSettings(kind="slurm", partition="gpu-h100", gpus_per_job=2)
+    submit_slurm([Call("r", stamp_interval, (str(tmp_path), "r", 0.0))], two, tmp_path / "jobs2")
+    (script_path,) = (tmp_path / "jobs2").glob("*/*_submission.sh")
+    assert "#SBATCH --gpus-per-node=2" in script_path.read_text()
+    cpu = ExecutorSettings(kind="slurm")  # the default partition has no GPUs: none asked
+    submit_slurm([Call("r", stamp_interval, (str(tmp_path), "r", 0.0))], cpu, tmp_path / "jobs3")
+    (script_path,) = (tmp_path / "jobs3").glob("*/*_submission.sh")
+    assert "gpus-per-node" not in script_path.read_text() and "#SBATCH --partition=cpu" in script_path.read_text()
+    with pytest.raises(ConfigError, match=r"partition 'gpu-h100' cannot give 9 GPU\(s\) per run: it has 4 node\(s\), "
+                                          r"at most 64 CPUs, 500 GiB and 8 GPU\(s\) per node \(gres: gpu:h100:8\(S:0-1\)\)"):
+        submit_slurm(calls, ExecutorSettings(kind="slurm", partition="gpu-h100", gpus_per_job=9), tmp_path / "jobs4")
+    assert not (tmp_path / "jobs4").exists()

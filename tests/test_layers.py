@@ -11,7 +11,7 @@ BOTTOM = {"artefacts", "config", "cpu_env", "devices", "errors", "fileio", "lock
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}
-TOP = {"cli", "deploy", "pipeline", "experiment", "notebook", "runner", "sweep", "plots"}
+TOP = {"cli", "deploy", "pipeline", "experiment", "notebook", "runner", "sweep", "plots", "tables", "jobs", "slurm"}
 FORBIDDEN = {
     **{name: CORE | TRAINING | METHODS | TOP for name in BOTTOM},
     "quant": TRAINING | METHODS | TOP,
@@ -62,3 +62,9 @@ def test_no_module_imports_a_higher_layer(path):
 def test_the_checker_sees_relative_imports():
     assert "train" in _imported_components(PACKAGE / "ptq" / "sweep.py")
     assert "quant" in _imported_components(PACKAGE / "classpath" / "scoring.py")
+
+
+def test_every_module_has_a_layer():
+    components = {_component(path) for path in SOURCES} - {"__init__"}
+    unplaced = components - (BOTTOM | CORE | TRAINING | METHODS | TOP)
+    assert not unplaced, f"modules in no layer: {sorted(unplaced)} (add them to tests/test_layers.py)"

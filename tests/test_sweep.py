@@ -156,3 +156,20 @@ def test_a_local_process_sweep_resumes_after_its_driver_is_killed(tmp_path, quic
     exact = ["run", "average_bits", "val_before", "test_before", "val_after", "test_after", "evaluations"]
     pd.testing.assert_frame_equal(resumed[exact], uninterrupted[exact])  # processes change no number
     assert len(resumed) == 2
+
+
+def test_a_run_group_checkpoints_as_itself_so_a_requeued_job_resumes_the_same_runs(tmp_path):
+    """On Slurm's time-limit signal submitit calls ``checkpoint`` and requeues what it returns: the
+    same group with the same arguments, which skips finished records and resumes the interrupted run."""
+    import pickle
+
+    from submitit.helpers import Checkpointable, DelayedSubmission
+
+    from cpq_lib.sweep import RunGroup, run_group
+
+    runs = [({"seed": 0}, str(tmp_path / "a")), ({"seed": 1}, str(tmp_path / "b"))]
+    assert isinstance(run_group, Checkpointable)
+    again = run_group.checkpoint("quick", runs, str(tmp_path / "shared"), stale="refuse")
+    assert isinstance(again, DelayedSubmission) and isinstance(again.function, RunGroup)
+    assert again.args == ("quick", runs, str(tmp_path / "shared")) and again.kwargs == {"stale": "refuse"}
+    assert isinstance(pickle.loads(pickle.dumps(run_group)), RunGroup)  # pickled by reference into job folders
