@@ -227,8 +227,20 @@ class QueueWatcher(SlurmInfoWatcher):
                 self._finished.add(job)
 
 
+# States in which Slurm stopped a job from outside: the job cannot write a result after them.
+NO_RESULT = frozenset({"CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"})
+
+
 class SlurmJob(submitit.SlurmJob):
     watcher = QueueWatcher(delay_s=60)
+
+    def _get_outcome_and_result(self) -> tuple[str, Any]:
+        """submitit waits 15 s for a result file that a slow shared file system may not show yet; a job
+        that Slurm cancelled or killed for memory writes none, so its failure is reported after 2 s."""
+        state = self.watcher.get_state(self.job_id, mode="cache").split()[0]
+        if state in NO_RESULT:
+            self._results_timeout_s = 2
+        return super()._get_outcome_and_result()
 
 
 class SlurmExecutor(submitit.SlurmExecutor):

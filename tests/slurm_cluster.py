@@ -37,6 +37,14 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _memory_mb() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -148,26 +156,23 @@ class SlurmCluster:
     def stop(self) -> None:
         if self.conf.exists() and shutil.which("scancel"):
             self.cancel_all()
+        pids = []
         for name in ("slurmd", "slurmctld", "munged"):
-            pid_file = self.root / "run" / f"{name}.pid"
             try:
-                pid = int(pid_file.read_text().strip())
+                pids.append(int((self.root / "run" / f"{name}.pid").read_text().strip()))
             except (OSError, ValueError):
                 continue
-            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):  # all at once, then whoever is left
+            for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
-                    break
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline:
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
-                        break
-                    time.sleep(0.1)
-                else:
-                    continue
+                    pass
+            deadline = time.monotonic() + wait
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if _alive(pid)]
+                time.sleep(0.1)
+            if not pids:
                 break
         if self._saved_conf is None:
             os.environ.pop("SLURM_CONF", None)
