@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -218,8 +219,6 @@ class QueueWatcher(SlurmInfoWatcher):
         except (ConfigError, OSError, subprocess.TimeoutExpired) as error:
             LOG.warning("could not read job states (%s); trying again at the next poll", error)
             return
-        import time
-
         self._info_dict.update({job: {"JobID": job, "State": state} for job, state in states.items()})
         self._last_status_check = time.time()
         for job in to_check:
@@ -271,7 +270,8 @@ def write_ledger(folder: Path, entries: dict[str, str]) -> None:
 
 def still_queued(names: Iterable[str], folder: Path, runner: Runner = subprocess.run) -> dict[str, str]:
     """{call name: job id} for the calls whose earlier job is still pending or running."""
-    ledger = {name: job for name, job in read_ledger(folder).items() if name in set(names)}
+    wanted = set(names)
+    ledger = {name: job for name, job in read_ledger(folder).items() if name in wanted}
     if not ledger:
         return {}
     states = queue_states(ledger.values(), runner)
