@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     def ptq_sl():
         fresh = quantize_(copy.deepcopy(model), config).eval()
-        reorder_channels_(fresh, "sort")
+        reorder_channels_(fresh, "index_sort")
         calibrate_(fresh, calibration)
         search_scales_(fresh, model, calibration, search, progress=False)
 

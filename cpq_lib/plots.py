@@ -51,7 +51,8 @@ NAMES = {
     "val_after": "validation top-1 after refinement (%)", "val_before": "validation top-1 before refinement (%)",
     "val_accuracy": "validation top-1 (%)", "scales": "weight scales in the model",
     # PTQ-SL variants and compression methods
-    "none": "plain", "sort": "sorted by range", "kmeans": "k-means groups",
+    "none": "plain", "permute": "permuted by range", "index_sort": "index maps, sorted",
+    "index_kmeans": "index maps, k-means", "sort": "index maps, sorted", "kmeans": "index maps, k-means",
     "focused": "focused", "deep compression": "Deep Compression", "float": "full precision",
     "huffman": "Huffman", "ans": "ANS", "zstd": "zstd",
 }

@@ -89,7 +89,48 @@ def test_vectorised_weight_search_matches_a_brute_force_loop(digits_baseline, di
     assert not torch.equal(quantizer.scale, scale0)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "l2", "grad_l2"])
+def test_layer_cosine_search_matches_a_brute_force_coordinate_descent(digits_baseline, digits):
+    """Independent check of the authors' objective: row groups in turn, each trying every candidate with a plain
+    convolution and keeping it when the whole layer output's cosine improves; the same scales come out."""
+    model, _ = digits_baseline
+    calibration = list(digits.calibration_loader(64, seed=0, batch_size=64))
+    images = calibration[0][0]
+    settings = ScaleSearchConfig.authors(rounds=1, search_activations=False, steps=20, chunk=5, positions=ALL_POSITIONS)
+    assert settings.metric == "layer_cosine"
+    quantized = _quantized(model, calibration, weight_bits=3, act_bits=None, granularity="block", blocks=(8, 1),
+                           weight_grid="full")
+    name, layer = quantized_layers(quantized)[0]
+    quantizer = layer.weight_quantizer
+    scale0 = quantizer.scale.detach().clone()
+    x, _ = _layer_io(quantized, name, images)
+    _, target = _layer_io(model, name, images)
+
+    def cosine_error(scale):
+        quantizer.scale.copy_(scale)
+        y = F.conv2d(x, quantizer(layer.weight), layer.bias, layer.stride, layer.padding)
+        return float(1 - (y * target).sum() / (y.norm() * target.norm()))
+
+    expected = scale0.clone()
+    for group in range(8):
+        best, choice = cosine_error(expected), expected
+        for factor in settings.factors():
+            trial = expected.clone()
+            trial[group] = scale0[group] * factor
+            error = cosine_error(trial)
+            if error < best:
+                best, choice = error, trial
+        expected = choice
+    per_group = copy.deepcopy(quantized)  # the per-row-group cosine chooses otherwise here: the test tells them apart
+    quantizer.scale.copy_(scale0)
+    search_scales_(quantized, model, calibration, settings, progress=False)
+    torch.testing.assert_close(quantizer.scale, expected, rtol=1e-5, atol=0)
+    assert not torch.equal(expected, scale0)
+    dict(per_group.named_modules())[name].weight_quantizer.scale.copy_(scale0)
+    search_scales_(per_group, model, calibration, ScaleSearchConfig(**{**settings.__dict__, "metric": "cosine"}), progress=False)
+    assert not torch.equal(dict(per_group.named_modules())[name].weight_quantizer.scale, expected)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "layer_cosine", "l2", "grad_l2"])
 def test_search_never_worse_than_its_start_and_reports_the_true_metric(metric, digits_baseline, digits):
     model, _ = digits_baseline
     calibration = list(digits.calibration_loader(128, seed=0, batch_size=64))
@@ -108,7 +149,7 @@ def test_search_never_worse_than_its_start_and_reports_the_true_metric(metric, d
             outputs.append(_layer_io(quantized, name, images)[1])
             targets.append(_layer_io(model, name, images)[1])
         y, t = torch.cat(outputs), torch.cat(targets)
-        value = 1 - (y * t).sum() / (y.norm() * t.norm()) if metric == "cosine" else ((y - t) ** 2).sum()
+        value = 1 - (y * t).sum() / (y.norm() * t.norm()) if "cosine" in metric else ((y - t) ** 2).sum()
         reported = table.set_index("layer").loc[name, "metric_end"]
         assert float(value) == pytest.approx(reported, rel=1e-3, abs=1e-6)
 
@@ -139,8 +180,14 @@ def test_study_rows_variants_and_resume(digits_baseline, digits, tmp_path, monke
     full = ptqsl_study(model, digits, ["W4A8"], calibration, grains, search=fast, out=out, progress=False)
     assert len(calls) == 6  # the two layer-wise rows came from the CSV; 2x2 gets 2 reorders x 2 searches, channel 2
     assert len(full) == 8 and full["granularity"].tolist()[:2] == ["layer", "layer"]
-    assert set(full[full["granularity"] == "2x2"]["reorder"]) == {"none", "sort"}
-    assert full.set_index(["granularity", "reorder", "search"])["scales"].to_dict()[("channel", "none", True)] == 32 + 64
+    assert set(full[full["granularity"] == "2x2"]["reorder"]) == {"none", "permute"}
+    indexed = full.set_index(["granularity", "reorder", "search"])
+    assert indexed["scales"].to_dict()[("channel", "none", True)] == 32 + 64
+    # a permuted network stores no maps: metadata is its fp32 scales alone
+    assert (full["scale_bits"] == 32 * full["scales"]).all() and (full["map_bits"] == 0).all()
+    assert (full["metadata_bits"] == full["scale_bits"]).all()
+    # a permuted network is searched against a float reference permuted alike (compared unpermuted: chance level)
+    assert (full.loc[full["search"], "val_accuracy"] > 0.8).all(), full[["granularity", "reorder", "search", "val_accuracy"]]
     assert pd.read_csv(out).shape[0] == 8
     with pytest.raises(ValueError, match=r"splits: \['dev'\] not allowed"):
         ptqsl_study(model, digits, ["W4A8"], calibration, grains, splits=("dev",), progress=False)
@@ -149,20 +196,21 @@ def test_study_rows_variants_and_resume(digits_baseline, digits, tmp_path, monke
 
 
 def test_correlation_and_verdict_on_a_known_table():
-    rows = [("channel", "none", 100, 0.80), ("layer", "none", 2, 0.10), ("4x1", "none", 8, 0.50), ("4x1", "sort", 8, 0.70),
-            ("8x1", "sort", 16, 0.85), ("16x4", "sort", 640, 0.9)]
+    rows = [("channel", "none", 100, 0.80), ("layer", "none", 2, 0.10), ("4x1", "none", 8, 0.50), ("4x1", "permute", 8, 0.70),
+            ("8x1", "permute", 16, 0.85), ("16x4", "permute", 640, 0.9)]
     table = pd.DataFrame([{"target": "W4A8", "granularity": g, "reorder": r, "search": False, "scales": s, "val_accuracy": a}
                           for g, r, s, a in rows])
     rho = granularity_correlation(table).set_index(["target", "reorder"])["spearman_rho"]
     # by hand: scale ranks 5, 1, 2.5, 2.5, 4, 6 and accuracy ranks 4, 1, 2, 3, 5, 6 -> 16 / sqrt(17 * 17.5)
-    assert rho[("W4A8", "all")] == pytest.approx(16 / (17 * 17.5) ** 0.5, abs=1e-9) and rho[("W4A8", "sort")] == pytest.approx(1.0)
+    assert rho[("W4A8", "all")] == pytest.approx(16 / (17 * 17.5) ** 0.5, abs=1e-9) and rho[("W4A8", "permute")] == pytest.approx(1.0)
     verdict = reordering_verdict(table).iloc[0]
     assert verdict["best_reordered"] == "8x1" and verdict["beats_channel"] and verdict["difference"] == pytest.approx(0.05)
     report = markdown_report(table)
-    assert "| W4A8 | sort |  | 70.00 | 85.00 |  | 90.00 |" in report and "W4A8 +0.93" in report
+    assert "| W4A8 | permute |  | 70.00 | 85.00 |  | 90.00 |" in report and "W4A8 +0.93" in report
     few = markdown_report(table[table["granularity"].isin(["channel", "layer"])])  # too few points for a correlation
     assert "needs 3 or more granularities" in few
-    assert "| W4A8 | no | 80.00 (100) | 8x1: 85.00 (16) | +5.00 |" in report
+    assert "| W4A8 | permute | no | 80.00 (100) | 8x1: 85.00 (16) | +5.00 |" in report
+    assert reordering_verdict(table, reorder="index_sort").empty  # a reordering the table lacks has no verdict
 
 
 def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys):
@@ -170,12 +218,18 @@ def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys
     shutil.copytree(quick_baseline_dir, run / "baseline")
     out = tmp_path / "out" / "ptqsl.csv"
     code = ptq_main(["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4",
-                     "--granularities", "layer", "2x2", "--reorders", "sort", "--calibration-images", "64", "--rounds", "1"])
+                     "--granularities", "layer", "2x2", "--reorders", "index_sort", "--calibration-images", "64", "--rounds", "1"])
     assert code == 0
     table = pd.read_csv(out)
-    assert len(table) == 4 and set(table["reorder"]) == {"none", "sort"}
+    assert len(table) == 4 and set(table["reorder"]) == {"none", "index_sort"}
+    blocks = table[table["granularity"] == "2x2"]
+    assert (blocks.loc[blocks["reorder"] == "index_sort", "map_bits"] > 0).all()  # index maps are charged
+    assert (blocks.loc[blocks["reorder"] == "none", "map_bits"] == 0).all()
     assert out.with_suffix(".json").is_file() and "spearman_rho" not in capsys.readouterr().err
-    assert ptq_main(["--report", str(out)]) == 0 and "| W4A4 | sort + search |" in capsys.readouterr().out
+    assert ptq_main(["--report", str(out)]) == 0 and "| W4A4 | index_sort + search |" in capsys.readouterr().out
+    legacy = tmp_path / "legacy.csv"  # a study written when the index-map variant was called "sort"
+    table.assign(reorder=table["reorder"].replace({"index_sort": "sort"})).to_csv(legacy, index=False)
+    assert ptq_main(["--report", str(legacy)]) == 0 and "| W4A4 | index_sort + search |" in capsys.readouterr().out
     assert ptq_main(["--report", str(tmp_path / "missing.csv")]) == 2 and ptq_main(["--profile", "quick"]) == 2
     assert ptq_main(["--out", str(tmp_path), "--profile", "quick"]) == 2
     with pytest.raises(SystemExit) as exited:  # argparse refuses it
@@ -186,7 +240,7 @@ def test_command_line_writes_csv_and_record(tmp_path, quick_baseline_dir, capsys
     before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
     capsys.readouterr()
     code = ptq_main(["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4",
-                     "--granularities", "layer", "2x2", "--reorders", "sort", "--calibration-images", "32", "--rounds", "3",
+                     "--granularities", "layer", "2x2", "--reorders", "index_sort", "--calibration-images", "32", "--rounds", "3",
                      "--positions", "64", "--metric", "l2"])
     err = capsys.readouterr().err
     assert code == 2 and "made with other settings" in err and "search.positions: 2048 -> 64" in err, err

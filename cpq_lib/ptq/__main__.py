@@ -28,7 +28,9 @@ from ..provenance import run_record
 from ..runtime import configure_for
 from .reorder import REORDER_METHODS
 from .search import METRICS, ScaleSearchConfig
-from .study import DEFAULT_GRANULARITIES, SPLITS, check_resumable, markdown_report, parse_target, ptqsl_study, study_key
+from .study import (
+    DEFAULT_GRANULARITIES, SPLITS, check_resumable, markdown_report, parse_target, ptqsl_study, read_study_csv, study_key,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="CSV", help="print the Markdown report of a results CSV and exit")
     parser.add_argument("--targets", nargs="+", default=["W4A8", "W4A4", "W3A8", "W3A4"])
     parser.add_argument("--granularities", nargs="+", default=list(DEFAULT_GRANULARITIES), choices=list(DEFAULT_GRANULARITIES))
-    parser.add_argument("--reorders", nargs="+", default=["none", "sort"], choices=["none", *REORDER_METHODS])
+    parser.add_argument("--reorders", nargs="+", default=["none", "permute"], choices=["none", *REORDER_METHODS],
+                        help="permute: one physical permutation per channel space (deployable); index_sort / index_kmeans: "
+                             "per-layer index maps (counted in metadata_bits)")
+    parser.add_argument("--weight-grid", choices=["narrow", "full"], default="narrow",
+                        help="full: the authors' [-2^(b-1), 2^(b-1)-1] grid and their start max|w| / (2^(b-1) - 0.5)")
     parser.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS)
     parser.add_argument("--metric", choices=METRICS, default="cosine")
     parser.add_argument("--rounds", type=integer_at_least(1), default=2)
@@ -61,7 +67,7 @@ def report(path: str, splits: list[str]) -> int:
     if not csv.is_file():
         return fail(f"--report {csv}: no such file")
     try:
-        table = pd.read_csv(csv)
+        table = read_study_csv(csv)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         return fail(f"--report {csv} is not a study CSV ({exc})")
     missing = [c for c in REPORT_COLUMNS if c not in table.columns]
@@ -103,16 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = baseline_model(config, data, run_dir, progress=True)
     calibration = list(data.calibration_loader(args.calibration_images, seed=args.seed))
     try:  # a CSV made with other settings is refused before its record is touched
-        check_resumable(out, study_key(model, data, calibration, search))
+        check_resumable(out, study_key(model, data, calibration, search, weight_grid=args.weight_grid))
     except ArtefactMismatchError as exc:
         return fail(str(exc))
     settings = {"targets": args.targets, "granularities": {k: DEFAULT_GRANULARITIES[k] for k in args.granularities},
-                "reorders": args.reorders, "splits": args.splits, "calibration_images": args.calibration_images,
+                "reorders": args.reorders, "weight_grid": args.weight_grid, "splits": args.splits, "calibration_images": args.calibration_images,
                 "search": search.__dict__, "runtime": runtime, "command": " ".join(["python -m cpq_lib.ptq", *(argv or sys.argv[1:])])}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json.loads(json.dumps(run_record(config, settings), default=str)), out.with_suffix(".json"))
     results = ptqsl_study(model, data, args.targets, calibration, settings["granularities"], args.reorders, (False, True),
-                          search, args.splits, device, out=out, progress=True)
+                          search, args.splits, device, out=out, progress=True, weight_grid=args.weight_grid)
     print(markdown_report(results, f"{args.splits[0]}_accuracy"))
     return 0
 

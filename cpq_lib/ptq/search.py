@@ -9,9 +9,9 @@ For every quantized layer, in network order:
    cost by the image area: the search is a few matrix products, not 100 convolutions per layer.
 2. Weight scales: candidates ``scale0 * (alpha + i * (beta - alpha) / n)`` for ``i = 0..n`` plus
    ``scale0`` itself (so the result is never worse than the max-based start by the metric). ``scale0``
-   is the quantizer's max-based scale ``max|w| / qmax``; the paper's ``max|w| / (qmax - 0.5)`` is the
-   factor ``qmax / (qmax - 0.5)`` of it: 1.2 at 3 bits and less above, inside the grid (at 2 bits it is
-   2, outside the paper's grid). Output
+   is the quantizer's max-based scale: ``max|w| / qmax`` on the narrow grid; on the full signed grid
+   (``QuantConfig(weight_grid="full")``, the authors' ``[-2^(b-1), 2^(b-1) - 1]``) it is the authors'
+   start ``max|w| / (2^(b-1) - 0.5)``. Output
    channels of different row groups are independent, so every row group picks its best candidate in
    the same pass (vectorised over candidates and blocks); column groups, which share output channels,
    are visited in turn (coordinate descent, ``n_H`` passes). Candidates go ``chunk`` at a time, which
@@ -21,9 +21,14 @@ For every quantized layer, in network order:
    better, so every step keeps or lowers the metric.
 
 Metrics (lower is better): ``cosine`` (1 - cosine similarity, per row group for weight blocks and
-over the whole output for the activation scale), ``l2`` (squared error) and ``grad_l2`` (squared error
-weighted by the squared gradient of the loss w.r.t. the layer output, PTQ4ViT-style, which needs
-labels in the calibration batches).
+over the whole output for the activation scale), ``layer_cosine`` (the authors': 1 - cosine of the
+whole layer output for every block; row groups then interact through the shared norm, so they are
+visited in turn, exactly, from tables of each candidate's per-group dot products and norms),
+``l2`` (squared error) and ``grad_l2`` (squared error weighted by the squared gradient of the loss
+w.r.t. the layer output, PTQ4ViT-style, which needs labels in the calibration batches).
+
+``ScaleSearchConfig.authors()`` with ``QuantConfig(weight_grid="full")`` is the authors' search:
+full grid, their start, the layer-output cosine.
 
 No library provides this search over an index-grouped block layout (AIMET, Brevitas and torchao
 search per tensor or per channel and by weight error, not by layer output over blocks), hence our own.
@@ -48,7 +53,7 @@ from ..quant.primitives import as_real, fake_quantize
 from ..quant.quantizers import ActivationQuantizer, WeightQuantizer
 from ..quant.transform import quantized_layers
 
-METRICS = ("cosine", "l2", "grad_l2")
+METRICS = ("cosine", "layer_cosine", "l2", "grad_l2")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ class ScaleSearchConfig:
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
         if self.alpha >= self.beta:
             raise ValueError(f"alpha must be below beta (the candidate range scale0 * [alpha, beta]), got alpha={self.alpha}, beta={self.beta}")
+
+    @classmethod
+    def authors(cls, **overrides) -> "ScaleSearchConfig":
+        """The authors' objective (layer-output cosine); pair it with ``QuantConfig(weight_grid="full")``."""
+        return cls(**{"metric": "layer_cosine", **overrides})
 
     def factors(self) -> torch.Tensor:
         """Candidate multipliers of the start scale: the paper's grid, then 1.0 (the start itself)."""
@@ -222,7 +232,7 @@ class _LayerObjective:
                  groups: int) -> None:
         self.metric, self.target, self.row_groups, self.groups = metric, target, row_groups, groups
         self.weight = gradient if metric == "grad_l2" else None
-        self.target_sq = self._per_group((target ** 2).sum(-1)) if metric == "cosine" else None
+        self.target_sq = self._per_group((target ** 2).sum(-1)) if metric in ("cosine", "layer_cosine") else None
 
     def _per_group(self, per_row: torch.Tensor) -> torch.Tensor:
         """(..., out) -> (..., groups) sums over the rows of each group."""
@@ -240,9 +250,13 @@ class _LayerObjective:
             error = error * self.weight
         return self._per_group(error.sum(-1))
 
+    def parts(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dot with the target, squared norm) per row group of outputs (..., out, P) -> (..., groups) each."""
+        return self._per_group((output * self.target).sum(-1)), self._per_group((output ** 2).sum(-1))
+
     def total(self, output: torch.Tensor) -> torch.Tensor:
         """Metric over the whole layer output (..., out, P) -> (...)."""
-        if self.metric == "cosine":
+        if self.metric in ("cosine", "layer_cosine"):
             dot = (output * self.target).sum((-2, -1))
             norm = (output ** 2).sum((-2, -1)) * (self.target ** 2).sum()
             return 1.0 - dot / norm.sqrt().clamp_min(1e-30)
@@ -303,6 +317,10 @@ def _search_weight_scales(blocks: _WeightBlocks, scale: torch.Tensor, scale0: to
         rest[:, mask] = 0.0
         fixed = layer_output(rest, inputs, bias)  # every other column group's contribution
         part_inputs = inputs[:, mask] if inputs.shape[0] == 1 else None
+        if objective.metric == "layer_cosine":
+            scale = _layer_cosine_pass(blocks, scale, scale0, inputs, objective, factors, chunk, column_group, mask,
+                                       fixed, part_inputs)
+            continue
         best = objective.per_group(fixed + _masked_output(blocks.quantize(scale, mask), inputs, mask, part_inputs))
         for start in range(0, len(factors), chunk):
             factor = factors[start:start + chunk]
@@ -315,6 +333,40 @@ def _search_weight_scales(blocks: _WeightBlocks, scale: torch.Tensor, scale0: to
             scale[:, column_group] = torch.where(better, candidates[index, torch.arange(scale.shape[0]), column_group],
                                                  scale[:, column_group])
             best = torch.where(better, value, best)
+    return scale
+
+
+def _layer_cosine_pass(blocks: _WeightBlocks, scale: torch.Tensor, scale0: torch.Tensor, inputs: torch.Tensor,
+                       objective: _LayerObjective, factors: torch.Tensor, chunk: int, column_group: int,
+                       mask: torch.Tensor, fixed: torch.Tensor, part_inputs: torch.Tensor | None) -> torch.Tensor:
+    """One column group under the whole-output cosine: row groups in turn, each candidate scored exactly.
+
+    Rows of group g depend only on scale[g, column_group] here, so one pass over the candidates gives
+    every group's dot product and norm per candidate; the whole-output cosine of changing group g alone
+    is then arithmetic, and groups are visited in order (coordinate descent, never worse).
+    """
+    dot_now, norm_now = objective.parts(fixed + _masked_output(blocks.quantize(scale, mask), inputs, mask, part_inputs))
+    dots, norms = [], []
+    for start in range(0, len(factors), chunk):
+        factor = factors[start:start + chunk]
+        candidates = scale.expand(len(factor), *scale.shape).clone()
+        candidates[:, :, column_group] = scale0[:, column_group] * factor[:, None]
+        dot, norm = objective.parts(fixed + _masked_output(blocks.quantize(candidates, mask), inputs, mask, part_inputs))
+        dots.append(dot)
+        norms.append(norm)
+    dots, norms = torch.cat(dots), torch.cat(norms)  # (candidates, n_V)
+    target = objective.target_sq.sum()
+    scale = scale.clone()
+    total_dot, total_norm = dot_now.sum(), norm_now.sum()
+    for group in range(scale.shape[0]):
+        rest_dot, rest_norm = total_dot - dot_now[group], total_norm - norm_now[group]
+        metric = 1.0 - (rest_dot + dots[:, group]) / ((rest_norm + norms[:, group]) * target).sqrt().clamp_min(1e-30)
+        current = 1.0 - total_dot / (total_norm * target).sqrt().clamp_min(1e-30)
+        value, index = metric.min(0)
+        if value < current:
+            scale[group, column_group] = scale0[group, column_group] * factors[index]
+            total_dot, total_norm = rest_dot + dots[index, group], rest_norm + norms[index, group]
+            dot_now[group], norm_now[group] = dots[index, group], norms[index, group]
     return scale
 
 

@@ -1,11 +1,15 @@
 """PTQ-SL's granularity study: accuracy vs number of scales, with and without reordering and scale search.
 
 Every configuration starts from the same float model: quantize a copy at one granularity, optionally
-regroup channels by range (:mod:`.reorder`), calibrate activation scales on training images,
+reorder channels by range (:mod:`.reorder`: ``permute``, the deployable physical permutation, or the
+per-layer index-map variants ``index_sort`` / ``index_kmeans``), calibrate activation scales on training images,
 optionally search the scales (:mod:`.search`), then measure. The number of weight scales of the whole
 model is the granularity axis; :func:`granularity_correlation` gives Spearman's rank correlation of
 accuracy with it, and :func:`reordering_verdict` answers the paper's claim (does reordered
-sub-layerwise quantization beat channel-wise at an equal or smaller number of scales?).
+sub-layerwise quantization beat channel-wise at an equal or smaller number of scales?). Each row
+also carries the layout's metadata: fp32 scales plus the 16-bit group index of every row and column
+of the layers whose blocks are not contiguous (the index-map variants pay them; a permuted network
+does not, its permutation is folded into the stored weights).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import torch
 from ..artefacts import ArtefactKey, check_same_key, read_key_file, state_fingerprint, write_key_file
 from ..fileio import atomic_write_text
 from ..progress import progress as progress_bar
-from ..quant.quantizers import check_bits
+from ..quant.metrics import GROUP_INDEX_BITS, SCALE_BITS
+from ..quant.quantizers import check_bits, contiguous_groups
 from ..quant.transform import QuantConfig, calibrate_, quantize_, quantized_layers
 from ..train import evaluate
-from .reorder import REORDER_METHODS, reorder_channels_
+from .reorder import INDEX_METHODS, REORDER_METHODS, permute_reorder_, reorder_channels_
 from .search import ScaleSearchConfig, search_scales_
 
 # label -> (granularity, blocks): layer-wise, sub-layerwise n_V x n_H, channel-wise and beyond it
@@ -74,15 +79,32 @@ def calibration_digest(calibration: Sequence) -> str:
     return digest.hexdigest()[:16]
 
 
+def layout_metadata(model: nn.Module) -> dict[str, int]:
+    """Scales and group-index maps of every quantized layer, in bits: what a runtime stores beside the codes.
+
+    A layer's maps count only when its groups are not contiguous (contiguous blocks need two numbers per
+    layer, n_V and n_H, which we do not count)."""
+    scales = maps = 0
+    for _, layer in quantized_layers(model):
+        q = layer.weight_quantizer
+        n_v, n_h = q.blocks
+        scales += SCALE_BITS * q.scale.numel()
+        rows, cols = q.row_groups.cpu(), q.col_groups.cpu()
+        if not (torch.equal(rows, contiguous_groups(rows.numel(), n_v)) and torch.equal(cols, contiguous_groups(cols.numel(), n_h))):
+            maps += GROUP_INDEX_BITS * (rows.numel() + cols.numel())
+    return {"scale_bits": scales, "map_bits": maps, "metadata_bits": scales + maps}
+
+
 def study_key(model: nn.Module, data, calibration: Sequence, search: ScaleSearchConfig,
-              exclude: Sequence[str] | None = None) -> ArtefactKey:
+              exclude: Sequence[str] | None = None, weight_grid: str = "narrow") -> ArtefactKey:
     """What a row of the study depends on beyond its own (target, granularity, reorder, search) labels:
     the float model, the data, the calibration images, the search settings, the precision and the code.
     Targets, granularities and splits are not in it: a study may be extended by rows of new ones."""
     return ArtefactKey.make("ptq-study", {
         "model": state_fingerprint(model), "dataset": data.name, "val_digest": data.val_digest,
         "calibration": calibration_digest(calibration), "search": search,
-        "exclude": None if exclude is None else list(exclude), "dtype": torch.get_default_dtype()}, STUDY_CODE)
+        "exclude": None if exclude is None else list(exclude), "dtype": torch.get_default_dtype(),
+        **({} if weight_grid == "narrow" else {"weight_grid": weight_grid})}, STUDY_CODE)
 
 
 def check_resumable(out: str | Path, key: ArtefactKey) -> None:
@@ -102,12 +124,15 @@ def _variants(granularity: str, reorders: Sequence[str], searches: Sequence[bool
 
 def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Iterable,
                 granularities: dict[str, tuple[str, tuple[int, int] | None]] | None = None,
-                reorders: Sequence[str] = ("none", "sort"), searches: Sequence[bool] = (False, True),
+                reorders: Sequence[str] = ("none", "permute"), searches: Sequence[bool] = (False, True),
                 search: ScaleSearchConfig | None = None, splits: Sequence[str] = ("val",), device: str = "cpu",
-                exclude: Sequence[str] | None = None, out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+                exclude: Sequence[str] | None = None, out: str | Path | None = None, progress: bool = True,
+                weight_grid: str = "narrow") -> pd.DataFrame:
     """One row per (target, granularity, reordering, search): scales, accuracy per split, search cost.
 
-    ``calibration`` (training images with labels) calibrates and drives the search; ``splits`` are
+    ``calibration`` (training images with labels) calibrates and drives the search (and its first
+    batch gives the reordering's graph analysis an example input); ``weight_grid`` is the weight
+    grid (``"full"``: the authors' ``[-2^(b-1), 2^(b-1) - 1]`` and start); ``splits`` are
     where accuracy is measured (the test split belongs in a final report only). With ``out``, the
     CSV is rewritten (atomically) after every configuration and rows already in it are not run again,
     so a killed study resumes where it stopped; ``<out>.key.json`` holds :func:`study_key`, and a CSV made
@@ -123,7 +148,9 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
         raise ValueError(f"splits: {list(splits)} not allowed; choose one or more of {list(SPLITS)}")
     parsed = {t: parse_target(t) for t in targets}
     calibration = list(calibration)
-    key = study_key(model, data, calibration, search, exclude)
+    if not calibration:
+        raise ValueError("PTQ-SL study: calibration data is empty")
+    key = study_key(model, data, calibration, search, exclude, weight_grid)
     if out is not None:
         check_resumable(out, key)
         write_key_file(out, key)
@@ -137,17 +164,22 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
         weight_bits, act_bits = parsed[target]
         granularity, blocks = granularities[label]
         config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, granularity=granularity, blocks=blocks,
-                             **({} if exclude is None else {"exclude": tuple(exclude)}))
+                             weight_grid=weight_grid, **({} if exclude is None else {"exclude": tuple(exclude)}))
         quantized = quantize_(copy.deepcopy(model), config).eval()
-        if reorder != "none":
+        reference = model  # what the search compares layer outputs with: permuted alike when the network is
+        if reorder == "permute":
+            reference = copy.deepcopy(model)
+            permute_reorder_(quantized, calibration[0][0][:2].to(device), followers=[reference])
+        elif reorder in INDEX_METHODS:
             reorder_channels_(quantized, reorder, seed=search.seed)
         calibrate_(quantized, calibration, device)
         started = time.perf_counter()
-        table = search_scales_(quantized, model, calibration, search, device, progress=False) if searched else None
+        table = search_scales_(quantized, reference, calibration, search, device, progress=False) if searched else None
         seconds = time.perf_counter() - started if searched else 0.0
         row = {"target": target, "weight_bits": weight_bits, "act_bits": act_bits, "granularity": label,
                "reorder": reorder, "search": bool(searched),
                "scales": sum(layer.weight_quantizer.scale.numel() for _, layer in quantized_layers(quantized)),
+               **layout_metadata(quantized),
                "search_seconds": round(seconds, 2),
                "metric_start": float(table["metric_start"].sum()) if table is not None else float("nan"),
                "metric_end": float(table["metric_end"].sum()) if table is not None else float("nan")}
@@ -161,6 +193,17 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
     result = pd.DataFrame(rows)
     result.attrs["search"] = asdict(search)
     return result
+
+
+LEGACY_REORDER_NAMES = {"sort": "index_sort", "kmeans": "index_kmeans"}  # studies written before ``permute`` existed
+
+
+def read_study_csv(path: str | Path) -> pd.DataFrame:
+    """A study CSV, with the reordering names of older studies (index maps called ``sort`` / ``kmeans``) renamed."""
+    table = pd.read_csv(path)
+    if "reorder" in table.columns:
+        table["reorder"] = table["reorder"].replace(LEGACY_REORDER_NAMES)
+    return table
 
 
 def _key(target: str, granularity: str, reorder: str, searched: bool) -> tuple:
@@ -202,7 +245,7 @@ def granularity_correlation(results: pd.DataFrame, accuracy: str = "val_accuracy
     return pd.DataFrame(rows, columns=["target", "reorder", "search", "points", "spearman_rho", "p_value"])
 
 
-def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", reorder: str = "sort") -> pd.DataFrame:
+def reordering_verdict(results: pd.DataFrame, accuracy: str = "val_accuracy", reorder: str = "permute") -> pd.DataFrame:
     """Per (target, search): channel-wise accuracy vs the best reordered sub-layerwise one with no more scales."""
     rows = []
     for (target, searched), group in results.groupby(["target", "search"]):
@@ -248,11 +291,11 @@ def markdown_report(results: pd.DataFrame, accuracy: str = "val_accuracy") -> st
     overall = correlation[correlation["reorder"] == "all"]
     lines.append("Spearman's rho of accuracy vs number of scales (all configurations of a target): " + (", ".join(
         f"{r.target} {r.spearman_rho:+.2f} (p {r.p_value:.3f})" for r in overall.itertuples()) or "needs 3 or more granularities") + ".")
-    verdict = reordering_verdict(results, accuracy)
     lines.append("")
-    lines.append("| target | search | channel-wise (scales) | best reordered with no more scales | difference (points) |")
-    lines.append("|---|---|---|---|---|")
-    for r in verdict.itertuples():
-        lines.append(f"| {r.target} | {'yes' if r.search else 'no'} | {100 * r.channel_accuracy:.2f} ({r.channel_scales}) | "
-                     f"{r.best_reordered}: {100 * r.reordered_accuracy:.2f} ({r.reordered_scales}) | {100 * r.difference:+.2f} |")
+    lines.append("| target | reordering | search | channel-wise (scales) | best reordered with no more scales | difference (points) |")
+    lines.append("|---|---|---|---|---|---|")
+    for reorder in [r for r in dict.fromkeys(results["reorder"]) if r != "none"]:
+        for r in reordering_verdict(results, accuracy, reorder).itertuples():
+            lines.append(f"| {r.target} | {reorder} | {'yes' if r.search else 'no'} | {100 * r.channel_accuracy:.2f} ({r.channel_scales}) | "
+                         f"{r.best_reordered}: {100 * r.reordered_accuracy:.2f} ({r.reordered_scales}) | {100 * r.difference:+.2f} |")
     return "\n".join(lines)
