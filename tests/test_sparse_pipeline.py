@@ -34,6 +34,9 @@ def test_pipeline_stages_sizes_and_exact_resume(digits_baseline, digits, tmp_pat
     for name in first["layers"]["layer"]:
         weight = focused.get_submodule(name).weight
         assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+        quantizer = focused.get_submodule(name).parametrizations.weight[0].weight_quantizer
+        assert int(quantizer.refits) == 1 and quantizer.levels == "paper"  # re-estimated before the second step
+    assert (first["layers"]["levels"] == "paper").all() and first["layers"]["zero_level"].all()
     # a run killed after the first focused stage resumes to the same result
     for stale in ["focused-2.pt", "focused-2.state", "baseline.pt", "baseline.state"]:
         (tmp_path / "a" / stale).unlink()
@@ -106,9 +109,13 @@ def test_command_line_saves_and_loads_results(tmp_path, quick_baseline_dir):
     shutil.copytree(quick_baseline_dir, run / "baseline")
     out = tmp_path / "out"
     code = main(["--out", str(out), "--run-dir", str(run / "focused"), "--sparsity", "0.6", "--prune-steps", "1",
-                 "--fractions", "1.0", "--bits", "4", "--baseline-bits", "3"])
+                 "--fractions", "1.0", "--bits", "4", "--baseline-bits", "3", "--levels", "log2", "--assignment", "sample",
+                 "--hardware", "--no-refit"])
     assert code == 0
     loaded = load_results(out)
+    assert {k: loaded["config"][k] for k in ("levels", "assignment", "hardware", "refit")} == {
+        "levels": "log2", "assignment": "sample", "hardware": True, "refit": False}
+    assert (loaded["layers"]["levels"] == "log2").all() and not loaded["layers"]["zero_level"].any()
     assert loaded["config"]["bits"] == 4 and set(loaded["test_accuracy"]) == {"float", "focused", "deep compression"}
     assert loaded["stages"]["stage"].tolist()[-1] == "deep compression 3-bit" and "command" in loaded["record"]["results"]
     assert main(["--out", str(out), "--sparsity", "1.5"]) == 2

@@ -26,7 +26,7 @@ def test_focused_model_computes_with_levels_and_keeps_zeros_while_training():
     assert table["layer"].tolist() == ["features.0.0", "features.2.0"]
     name, module, param = focused_layers(model)[0]
     latent = module.parametrizations.weight.original.detach()
-    _, levels = quantize_levels(latent * param.keep, param.quantizer.layout, param.quantizer.component)
+    _, levels = quantize_levels(latent * param.keep, param.weight_quantizer.layout, param.weight_quantizer.component)
     assert torch.allclose(module.weight, levels.float())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     x = torch.rand(8, 1, 8, 8)
@@ -39,11 +39,26 @@ def test_focused_model_computes_with_levels_and_keeps_zeros_while_training():
     assert module.parametrizations.weight.original.grad is not None  # straight-through gradients reach the latent weight
 
 
+def test_layer_scale_alpha_gets_no_weight_decay():
+    from cpq_lib.config import TrainConfig
+    from cpq_lib.train.trainer import make_optimizer
+
+    model = _pruned()
+    focus_quantize_(model, bits=5)
+    optimizer = make_optimizer(model, TrainConfig(epochs=1, lr=0.1, weight_decay=5e-4))
+    alphas = {id(param.weight_quantizer.alpha) for _, _, param in focused_layers(model)}
+    undecayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert alphas and alphas <= undecayed and not alphas & decayed
+    latent = {id(module.parametrizations.weight.original) for _, module, _ in focused_layers(model)}
+    assert latent <= decayed  # the weights themselves still decay
+
+
 def test_state_dict_round_trip_and_fraction():
     model = _pruned()
     focus_quantize_(model, bits=4, fraction=0.25)
     set_fraction_(model, 0.5)
-    held = focused_layers(model)[1][2].quantizer.held
+    held = focused_layers(model)[1][2].weight_quantizer.held
     assert int(held.sum()) == round(0.5 * int((focused_layers(model)[1][2].keep != 0).sum()))
     fresh = _pruned()
     focus_quantize_(fresh, bits=4, fraction=0.0)

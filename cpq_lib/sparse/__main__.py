@@ -25,7 +25,7 @@ from ..config import PROFILES, make_config
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
 from ..runtime import configure_for
-from .focused import MAX_BITS, MIN_BITS
+from .focused import ASSIGNMENTS, LEVEL_SETS, MAX_BITS, MIN_BITS
 from .pipeline import CompressionConfig, compress_model, save_results
 from .pruning import SCOPES
 
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-steps", type=integer_at_least(1), default=3)
     parser.add_argument("--prune-epochs", type=integer_at_least(0), default=1)
     parser.add_argument("--bits", type=integer_between(MIN_BITS, MAX_BITS), default=5)
+    parser.add_argument("--levels", choices=LEVEL_SETS, default="paper",
+                        help="paper: 2^(bits-3) exponents plus zero per component, nearest rounding; log2: the older set "
+                             "(no zero, 2^(bits-2) exponents, log-domain rounding; about the paper's bits + 1)")
+    parser.add_argument("--assignment", choices=ASSIGNMENTS, default="argmax", help="component per weight: most likely, or sampled")
+    parser.add_argument("--hardware", action="store_true", help="power-of-two centres and tied spreads (multiplication-free)")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="fit mixtures once (default: re-estimate before every incremental step)")
     parser.add_argument("--baseline-bits", type=integer_between(1, 8), default=5)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.875, 1.0])
     parser.add_argument("--quant-epochs", type=integer_at_least(1), default=1)
@@ -54,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything is checked before data or models are loaded
         config = make_config(args.profile, overrides)
         compression = CompressionConfig(sparsity=args.sparsity, scope=args.scope, prune_steps=args.prune_steps,
-                                        prune_epochs=args.prune_epochs, bits=args.bits, baseline_bits=args.baseline_bits,
+                                        prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
+                                        assignment=args.assignment, hardware=args.hardware, refit=args.refit,
+                                        baseline_bits=args.baseline_bits,
                                         fractions=tuple(args.fractions), quant_epochs=args.quant_epochs, seed=args.seed)
         train = dataclasses.replace(config.refine, lr=args.lr, schedule="cosine")
         config.resolved_device()

@@ -9,17 +9,35 @@ Per layer:
    by the mean and standard deviation of all non-zero weights,
    ``((mu_1 - mu_2)^2 + (sigma_1 - sigma_2)^2) / sigma^2``. Above ``separation_threshold`` (2, as the
    paper) the layer is quantized per component ("focused"); otherwise with plain shift levels around 0.
-3. **Levels**: a weight of component c is recentred, ``z = (w - mu_c) / sigma_c``, and mapped to
-   ``sign(z) * 2^e`` with ``e = round(log2 |z|)`` clamped to ``[e_max - E + 1, e_max]``; the weight
-   becomes ``alpha * (sigma_c * sign(z) 2^e + mu_c)`` with a learnable layer scale ``alpha``. Plain shift
-   mode is the same with one component ``mu = 0``, ``sigma`` = the standard deviation.
-4. **Bits**: a code of ``bits`` bits holds the sign, the exponent and, when focused, the component:
-   ``E = 2^(bits - 2)`` exponents when focused, ``2^(bits - 1)`` in plain shift mode (at least 2 bits).
+3. **Assignment**: each weight belongs to the component most likely under the mixture (``argmax``), or
+   to one drawn from the mixture's posterior (``sample``, the paper's 3.3; seeded).
+4. **Levels**: a weight of component c is recentred, ``z = (w - mu_c) / sigma_c``, mapped to a shift
+   level ``q(z)`` and becomes ``alpha * (sigma_c * q(z) + mu_c)`` with a learnable layer scale ``alpha``.
+   Plain shift mode is the same with one component ``mu = 0``, ``sigma`` = the standard deviation.
+   Two level sets:
+
+   * ``levels="paper"`` (default; paper eq. 1): a (k+2)-bit shift quantizer holds ``s * 2^e`` with
+     s in {-1, 0, +1} and E = 2^k exponents, rounding to the **nearest value** (ties to the smaller
+     magnitude). An n-bit code spends one bit on the component when focused, so a focused layer has
+     ``E = 2^(n-3)`` exponents plus zero, a plain one ``2^(n-2)`` plus zero. At 2 bits no component bit
+     fits: every layer is plain (ternary levels).
+   * ``levels="log2"``: no zero level, ``E = 2^(n-2)`` exponents when focused and ``2^(n-1)`` plain,
+     rounding in the log domain (``e = round(log2 |z|)``). It spends the sign and zero codes on one more
+     exponent octave, so its n-bit set has as many exponents as the paper's (n+1)-bit one: compare
+     them one bit apart.
 5. **Overflow rule**: ``e_max`` is the smallest exponent for which at most ``1 / (2^bits + 1)`` of the
    recentred magnitudes exceed ``2^e_max`` (those clip to the top level).
+6. **Hardware variant** (``hardware=True``, the paper's multiplication-free inference): each centre is
+   rounded to a signed power of two and the two spreads are tied (their mixture-weighted quadratic
+   mean), so ``alpha * sigma`` is one per-layer factor and ``alpha * mu_c`` a shift.
+7. **Re-estimation** (:meth:`FocusedWeightQuantizer.refit`): centres, spreads, assignments and the
+   exponent range fitted again to the current latent weights (the paper's 3.5), keeping the layer's
+   mode (focused or plain) so the state's shapes stay fixed.
 
 Pruned weights stay exactly zero (their position is coded by the sparsity pattern, not by a level).
-Integer codes: ``component * 2E + (sign < 0) * E + (e - e_min)``; :func:`decode_levels` inverts them.
+Integer codes: ``component * P + (sign < 0) * E + (e - e_min)`` for a non-zero level and
+``component * P + 2E`` for the zero level, with ``P = 2E (+ 1 with a zero level)`` codes per component;
+:func:`decode_levels` inverts them.
 """
 
 from __future__ import annotations
@@ -34,6 +52,8 @@ from torch import nn
 MIN_BITS = 2
 MAX_BITS = 8  # 2^6 = 64 exponents already span 2^-63 of a layer's range: more bits add levels that underflow
 DEFAULT_SEPARATION = 2.0
+LEVEL_SETS = ("paper", "log2")
+ASSIGNMENTS = ("argmax", "sample")
 
 
 @dataclass(frozen=True)
@@ -78,8 +98,19 @@ def fit_mixture(values: np.ndarray | torch.Tensor, seed: int = 0) -> LayerMixtur
                         tuple(float(v) for v in mixture.weights_[order]), float(data.mean()), float(data.std()))
 
 
-def exponent_count(bits: int, focused: bool) -> int:
+def check_levels(levels: str) -> str:
+    if levels not in LEVEL_SETS:
+        raise ValueError(f"levels {levels!r} is not allowed; choose one of {list(LEVEL_SETS)}")
+    return levels
+
+
+def exponent_count(bits: int, focused: bool, levels: str = "paper") -> int:
+    """Exponents per component that an n-bit code holds (see the module docstring, step 4)."""
     check_bits(bits)
+    if check_levels(levels) == "paper":
+        if focused and bits < 3:
+            raise ValueError(f"a focused {bits}-bit code has no room for a shift quantizer beside the component bit (needs 3 bits)")
+        return 2 ** (bits - 3) if focused else 2 ** (bits - 2)
     return 2 ** (bits - 2) if focused else 2 ** (bits - 1)
 
 
@@ -104,16 +135,28 @@ class FocusedLayout:
     spreads: tuple[float, ...]
     e_min: int
     e_max: int
+    zero_level: bool = True         # the paper's set (s in {-1, 0, 1}, nearest rounding); False: the log2 set
 
     @property
     def exponents(self) -> int:
         return self.e_max - self.e_min + 1
 
+    @property
+    def codes_per_component(self) -> int:
+        return 2 * self.exponents + (1 if self.zero_level else 0)
 
-def plan_layer(weight: torch.Tensor, bits: int, separation_threshold: float = DEFAULT_SEPARATION, seed: int = 0
+
+def plan_layer(weight: torch.Tensor, bits: int, separation_threshold: float = DEFAULT_SEPARATION, seed: int = 0,
+               levels: str = "paper", assignment: str = "argmax", hardware: bool = False, focused: bool | None = None
                ) -> tuple[FocusedLayout, LayerMixture | None, torch.Tensor]:
-    """Decide focused vs plain shift, fit the levels; returns (layout, mixture or None, component per weight)."""
+    """Decide focused vs plain shift, fit the levels; returns (layout, mixture or None, component per weight).
+
+    ``focused`` forces the mode (re-estimation keeps the first decision); None decides by the separation.
+    """
     check_bits(bits)
+    check_levels(levels)
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment {assignment!r} is not allowed; choose one of {list(ASSIGNMENTS)}")
     w = weight.detach().double()
     nonzero = w != 0
     if not bool(nonzero.any()):
@@ -123,10 +166,18 @@ def plan_layer(weight: torch.Tensor, bits: int, separation_threshold: float = DE
         mixture = fit_mixture(w[nonzero], seed)
     except ValueError:
         mixture = None  # one-sided layer: plain shift levels
-    focused = mixture is not None and mixture.separation > separation_threshold
+    room = levels != "paper" or bits >= 3  # a focused code needs its component bit
+    if focused is None:
+        focused = mixture is not None and mixture.separation > separation_threshold and room
+    elif focused and mixture is None:
+        raise ValueError("the layer's weights no longer have two signs: a focused layout cannot be re-estimated")
     if focused:
         centres, spreads = mixture.means, mixture.stds
-        component = _assign(w, centres, spreads, mixture.weights)
+        if hardware:  # signed powers of two and one spread: multiplication-free inference
+            centres = tuple(math.copysign(2.0 ** round(math.log2(abs(m))), m) for m in centres)
+            tied = math.sqrt(sum(pi * s ** 2 for pi, s in zip(mixture.weights, spreads)))
+            spreads = (tied, tied)
+        component = _assign(w, centres, spreads, mixture.weights, assignment, seed)
     else:
         spread = float(w[nonzero].std()) if int(nonzero.sum()) > 1 else float(w[nonzero].abs().max())
         centres, spreads = (0.0,), (max(spread, 1e-30),)
@@ -134,15 +185,20 @@ def plan_layer(weight: torch.Tensor, bits: int, separation_threshold: float = DE
     z = _recentred(w, component, centres, spreads)
     e_max = overflow_exponent(z[nonzero].abs(), bits)
     layout = FocusedLayout(focused, tuple(float(c) for c in centres), tuple(float(s) for s in spreads),
-                           e_max - exponent_count(bits, focused) + 1, e_max)
+                           e_max - exponent_count(bits, focused, levels) + 1, e_max, levels == "paper")
     return layout, mixture, component
 
 
-def _assign(w: torch.Tensor, centres, spreads, weights) -> torch.Tensor:
-    """Most likely component of every weight under the mixture."""
+def _assign(w: torch.Tensor, centres, spreads, weights, assignment: str = "argmax", seed: int = 0) -> torch.Tensor:
+    """Component of every weight: the most likely under the mixture, or one drawn from its posterior (seeded)."""
     log_p = torch.stack([math.log(max(pi, 1e-300)) - math.log(s) - 0.5 * ((w - m) / s) ** 2
                          for m, s, pi in zip(centres, spreads, weights)])
-    return log_p.argmax(0)
+    if assignment == "argmax":
+        return log_p.argmax(0)
+    posterior_first = torch.softmax(log_p, 0)[0]
+    generator = torch.Generator(device=w.device).manual_seed(seed)
+    draw = torch.rand(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+    return (draw >= posterior_first).long()
 
 
 def _recentred(w: torch.Tensor, component: torch.Tensor, centres, spreads) -> torch.Tensor:
@@ -151,28 +207,52 @@ def _recentred(w: torch.Tensor, component: torch.Tensor, centres, spreads) -> to
     return (w - centre) / spread
 
 
+def _nearest_shift_level(magnitude: torch.Tensor, e_min: int, e_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exponent, is zero) of the level in {0} U {2^e : e_min <= e <= e_max} nearest to ``magnitude``
+    (ties to the smaller magnitude)."""
+    floor = torch.floor(torch.log2(magnitude.clamp_min(2.0 ** (e_min - 2))))
+    low = floor.clamp(e_min, e_max)
+    high = (floor + 1).clamp(e_min, e_max)
+    distances = torch.stack([magnitude, (magnitude - torch.exp2(low)).abs(), (magnitude - torch.exp2(high)).abs()])
+    choice = distances.argmin(0)  # the first of equal distances: the smaller magnitude
+    return torch.where(choice == 2, high, low), choice == 0
+
+
 def quantize_levels(weight: torch.Tensor, layout: FocusedLayout, component: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer codes, dequantized weight without the layer scale); pruned weights give code -1 and 0.0."""
     w = weight.detach().double()
     nonzero = w != 0
     z = _recentred(w, component, layout.centres, layout.spreads)
     sign = torch.where(z < 0, -1.0, 1.0).double()
-    exponent = torch.round(torch.log2(z.abs().clamp_min(2.0 ** (layout.e_min - 1)))).clamp(layout.e_min, layout.e_max)
-    codes = component * 2 * layout.exponents + (sign < 0).long() * layout.exponents + (exponent - layout.e_min).long()
+    n = layout.exponents
+    if layout.zero_level:
+        exponent, zero = _nearest_shift_level(z.abs(), layout.e_min, layout.e_max)
+    else:
+        exponent = torch.round(torch.log2(z.abs().clamp_min(2.0 ** (layout.e_min - 1)))).clamp(layout.e_min, layout.e_max)
+        zero = torch.zeros_like(nonzero)
+    offset = torch.where(zero, torch.full_like(component, 2 * n), (sign < 0).long() * n + (exponent - layout.e_min).long())
+    codes = component * layout.codes_per_component + offset
     codes = torch.where(nonzero, codes, torch.full_like(codes, -1))
     return codes, decode_levels(codes, layout).to(weight.dtype)
 
 
-def decode_levels(codes: torch.Tensor, layout: FocusedLayout) -> torch.Tensor:
-    """Weights (without the layer scale) from integer codes; code -1 is a pruned weight (0.0)."""
+def split_codes(codes: torch.Tensor, layout: FocusedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(component, negative, exponent offset e - e_min, is zero level) of codes (pruned codes -1 read as code 0)."""
     n = layout.exponents
     safe = codes.clamp_min(0)
-    component = safe // (2 * n)
-    sign = torch.where((safe // n) % 2 == 1, -1.0, 1.0).double()
-    exponent = (safe % n + layout.e_min).double()
+    component, offset = safe // layout.codes_per_component, safe % layout.codes_per_component
+    zero = offset == 2 * n
+    return component, (offset // n == 1) & ~zero, torch.where(zero, torch.zeros_like(offset), offset % n), zero
+
+
+def decode_levels(codes: torch.Tensor, layout: FocusedLayout) -> torch.Tensor:
+    """Weights (without the layer scale) from integer codes; code -1 is a pruned weight (0.0)."""
+    component, negative, shift, zero = split_codes(codes, layout)
+    sign = torch.where(negative, -1.0, 1.0).double()
+    magnitude = torch.where(zero, torch.zeros_like(sign), torch.exp2((shift + layout.e_min).double()))
     centre = torch.tensor(layout.centres, dtype=torch.float64, device=codes.device)[component]
     spread = torch.tensor(layout.spreads, dtype=torch.float64, device=codes.device)[component]
-    values = spread * sign * torch.exp2(exponent) + centre
+    values = spread * sign * magnitude + centre
     return torch.where(codes >= 0, values, torch.zeros_like(values))
 
 
@@ -184,16 +264,20 @@ class FocusedWeightQuantizer(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bits: int, separation_threshold: float = DEFAULT_SEPARATION, seed: int = 0,
-                 fraction: float = 1.0) -> None:
+                 fraction: float = 1.0, levels: str = "paper", assignment: str = "argmax", hardware: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits)
-        layout, self.mixture, component = plan_layer(weight, bits, separation_threshold, seed)
+        self.levels, self.assignment, self.hardware, self.seed = check_levels(levels), assignment, hardware, seed
+        self.separation_threshold = separation_threshold
+        layout, self.mixture, component = plan_layer(weight, bits, separation_threshold, seed, levels, assignment, hardware)
         # the layout lives in buffers, so a state dict restores it (checkpoints, resume)
         self.register_buffer("centres", torch.tensor(layout.centres, dtype=torch.float64))
         self.register_buffer("spreads", torch.tensor(layout.spreads, dtype=torch.float64))
         self.register_buffer("exponent_range", torch.tensor([layout.e_min, layout.e_max]))
         self.register_buffer("focused", torch.tensor(layout.focused))
+        self.register_buffer("zero_level", torch.tensor(layout.zero_level))
         self.register_buffer("component", component)
+        self.register_buffer("refits", torch.tensor(0))
         self.alpha = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device))
         self.register_buffer("held", torch.zeros_like(weight, dtype=torch.bool))
         self.set_fraction(weight, fraction)
@@ -201,7 +285,21 @@ class FocusedWeightQuantizer(nn.Module):
     @property
     def layout(self) -> FocusedLayout:
         e_min, e_max = (int(v) for v in self.exponent_range)
-        return FocusedLayout(bool(self.focused), tuple(self.centres.tolist()), tuple(self.spreads.tolist()), e_min, e_max)
+        return FocusedLayout(bool(self.focused), tuple(self.centres.tolist()), tuple(self.spreads.tolist()), e_min, e_max,
+                             bool(self.zero_level))
+
+    @torch.no_grad()
+    def refit(self, weight: torch.Tensor) -> None:
+        """Re-estimate centres, spreads, assignments and exponent range from ``weight`` (the current latent
+        weights, pruned ones zero), keeping the mode; each refit draws sampled assignments with a new seed."""
+        self.refits += 1
+        layout, self.mixture, component = plan_layer(weight, self.bits, self.separation_threshold,
+                                                     self.seed + 7919 * int(self.refits), self.levels, self.assignment,
+                                                     self.hardware, focused=bool(self.focused))
+        self.centres.copy_(torch.tensor(layout.centres, dtype=torch.float64))
+        self.spreads.copy_(torch.tensor(layout.spreads, dtype=torch.float64))
+        self.exponent_range.copy_(torch.tensor([layout.e_min, layout.e_max]))
+        self.component.copy_(component)
 
     @torch.no_grad()
     def set_fraction(self, weight: torch.Tensor, fraction: float) -> None:

@@ -3,7 +3,11 @@
 1. **Pruning**: magnitude pruning to ``sparsity`` along Zhu & Gupta's cubic schedule (``prune_steps``
    steps), each followed by ``prune_epochs`` of masked fine-tuning.
 2. **Focused quantization** of the pruned model: quantized weights held at their levels in steps
-   (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each.
+   (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each;
+   with ``refit`` the mixture, assignments and exponent ranges are re-estimated from the current
+   weights before every step after the first (the paper's periodic re-estimation). ``levels``,
+   ``assignment`` and ``hardware`` choose the level set, argmax or sampled components and the
+   multiplication-free variant (:mod:`.focused`).
 3. **Baseline** (Deep Compression) on the same pruned model: k-means weight sharing at
    ``baseline_bits``, centroids fine-tuned for the same number of epochs as step 2 in total.
 4. **Coding**: both models' codes and sparsity patterns with Huffman, ANS and zstd; sizes and ratios
@@ -35,10 +39,10 @@ from ..config import TrainConfig
 from ..quant.transform import excluded_names
 from ..train import evaluate, train_model
 from .compress import compression_table
-from .focused import DEFAULT_SEPARATION, check_bits
+from .focused import ASSIGNMENTS, DEFAULT_SEPARATION, check_bits, check_levels
 from .kmeans import SharedWeight, fit_codebook, quantize_with_codebook
 from .pruning import SCOPES, check_sparsity, cubic_schedule, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names
-from .transform import focus_quantize_, focused_codes, set_fraction_
+from .transform import focus_quantize_, focused_codes, focused_table, refit_, set_fraction_
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class CompressionConfig:
     prune_steps: int = 3
     prune_epochs: int = 1
     bits: int = 5
+    levels: str = "paper"
+    assignment: str = "argmax"
+    hardware: bool = False
+    refit: bool = True
     separation: float = DEFAULT_SEPARATION
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875, 1.0)
     quant_epochs: int = 1
@@ -59,6 +67,9 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         check_bits(self.bits)
+        check_levels(self.levels)
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment {self.assignment!r} is not allowed; choose one of {list(ASSIGNMENTS)}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope {self.scope!r} is not allowed; choose one of {list(SCOPES)}")
         if isinstance(self.baseline_bits, bool) or not isinstance(self.baseline_bits, int) or not 1 <= self.baseline_bits <= 8:
@@ -90,7 +101,9 @@ def stage_keys(model: nn.Module, data, config: CompressionConfig, train: TrainCo
         "dtype": torch.get_default_dtype()}, STAGE_CODE)
     return {"prune": pruning,
             "focused": pruning.extend("sparse/focused", {"bits": config.bits, "separation": config.separation,
-                                                         "fractions": config.fractions, "quant_epochs": config.quant_epochs}),
+                                                         "fractions": config.fractions, "quant_epochs": config.quant_epochs,
+                                                         "levels": config.levels, "assignment": config.assignment,
+                                                         "hardware": config.hardware, "refit": config.refit}),
             "baseline": pruning.extend("sparse/deep-compression", {"baseline_bits": config.baseline_bits,
                                                                    "epochs": config.quant_epochs * len(config.fractions)})}
 
@@ -133,9 +146,12 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     make_permanent_(pruned)
 
     focused = copy.deepcopy(pruned)
-    layers = focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed)
+    focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed,
+                             config.levels, config.assignment, config.hardware)
     for index, fraction in enumerate(config.fractions, start=1):
         done, key = run_dir / f"focused-{index}.pt", keys["focused"].extend("sparse/focused", {"step": index})
+        if config.refit and index > 1:  # from the weights the previous step left (loaded from its file on resume)
+            refit_(focused)
         set_fraction_(focused, fraction)
         state = load_artefact(done, key)
         if state is not None:
@@ -147,6 +163,7 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         stages.append({"stage": f"focused {fraction:.3g}", "sparsity": config.sparsity,
                        "val_accuracy": _accuracy(focused, data, "val", device)})
 
+    layers = focused_table(focused)  # the final layouts (after every re-estimation)
     baseline = copy.deepcopy(pruned)
     for name in names:
         module = baseline.get_submodule(name)

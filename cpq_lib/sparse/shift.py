@@ -1,10 +1,10 @@
 """Shift-and-add convolution from focused-quantization codes: the multiplications focused levels save.
 
-A focused weight is ``alpha * (sigma_c * s * 2^e + mu_c)``. For integer inputs ``x`` (activation codes
-with step ``s_x``) an output is
+A focused weight is ``alpha * (sigma_c * s * 2^e + mu_c)`` (s in {-1, +1}; the zero level s = 0 adds
+only ``mu_c``). For integer inputs ``x`` (activation codes with step ``s_x``) an output is
 
     y = s_x * alpha * sum_c [ sigma_c * 2^e_min * A_c + mu_c * B_c ],
-    A_c = sum_{k in c} s_k * (x_k << (e_k - e_min)),   B_c = sum_{k in c} x_k,
+    A_c = sum_{k in c, s_k != 0} s_k * (x_k << (e_k - e_min)),   B_c = sum_{k in c} x_k,
 
 so the inner loop is integer shifts, negations and additions; each output needs only two
 multiplications per component afterwards. :func:`shift_add_conv2d` computes exactly that with integer
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .focused import FocusedLayout
+from .focused import FocusedLayout, split_codes
 
 
 def integer_sums(x_int: torch.Tensor, codes: torch.Tensor, layout: FocusedLayout, stride=1, padding=0, dilation=1
@@ -31,14 +31,14 @@ def integer_sums(x_int: torch.Tensor, codes: torch.Tensor, layout: FocusedLayout
     flat = codes.reshape(out_channels, -1)
     e = layout.exponents
     valid = flat >= 0
-    safe = flat.clamp_min(0)
-    component, negative, shift = safe // (2 * e), (safe // e) % 2 == 1, safe % e
+    component, negative, shift, zero = split_codes(flat, layout)
     sums_a, sums_b = [], []
     for c in range(len(layout.centres)):
-        in_c = valid & (component == c)                        # (out, K)
+        in_c = valid & (component == c)                        # (out, K), zero levels included (they count in B)
+        shifted = in_c & ~zero
         a = torch.zeros(n, out_channels, length, dtype=torch.long)
         for t in range(e):                                     # one pass per shift amount (E of them)
-            for sign, chosen in ((1, in_c & (shift == t) & ~negative), (-1, in_c & (shift == t) & negative)):
+            for sign, chosen in ((1, shifted & (shift == t) & ~negative), (-1, shifted & (shift == t) & negative)):
                 if bool(chosen.any()):
                     partial = torch.einsum("nkl,ok->nol", columns, chosen.long())  # additions of selected inputs
                     a += sign * torch.bitwise_left_shift(partial, t)

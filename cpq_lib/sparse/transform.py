@@ -5,6 +5,8 @@ Conv2d / Linear a parametrization ``weight -> quantizer(weight * keep)``: pruned
 zero however the latent weights move during fine-tuning, and the quantizer holds a growing share of the
 rest at their power-of-two levels (:func:`set_fraction_`, incremental quantization). The latent weight
 (``parametrizations.weight.original``), the mask and the quantizer's layout are all in the state dict.
+The quantizer sits at ``parametrizations.weight.0.weight_quantizer``: the trainer keeps learnable
+quantizer scales (here the layer scale ``alpha``) out of weight decay by that name.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ class FocusedWeight(nn.Module):
 
     def __init__(self, quantizer: FocusedWeightQuantizer, keep: torch.Tensor) -> None:
         super().__init__()
-        self.quantizer = quantizer
+        self.weight_quantizer = quantizer
         self.register_buffer("keep", keep)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(weight * self.keep)
+        return self.weight_quantizer(weight * self.keep)
 
 
 def focused_layers(model: nn.Module) -> list[tuple[str, nn.Module, FocusedWeight]]:
@@ -39,8 +41,12 @@ def focused_layers(model: nn.Module) -> list[tuple[str, nn.Module, FocusedWeight
 
 
 def focus_quantize_(model: nn.Module, bits: int, separation_threshold: float = DEFAULT_SEPARATION, fraction: float = 1.0,
-                    exclude: Sequence[str] = ("@first", "@last"), seed: int = 0) -> pd.DataFrame:
-    """Focused-quantize every Conv2d / Linear not excluded; returns a table per layer (mode, separation, levels)."""
+                    exclude: Sequence[str] = ("@first", "@last"), seed: int = 0, levels: str = "paper",
+                    assignment: str = "argmax", hardware: bool = False) -> pd.DataFrame:
+    """Focused-quantize every Conv2d / Linear not excluded; returns a table per layer (mode, separation, levels).
+
+    ``levels``, ``assignment`` and ``hardware``: see :mod:`.focused` (the paper's level set, argmax or
+    sampled components, power-of-two centres with tied spreads)."""
     make_permanent_(model)
     keep_float = excluded_names(model, exclude)
     chosen = [(name, module) for name, module in model.named_modules()
@@ -51,17 +57,25 @@ def focus_quantize_(model: nn.Module, bits: int, separation_threshold: float = D
     for name, module in chosen:  # plan every layer before changing any: a failure leaves the model as it was
         weight = module.weight.detach()
         try:
-            quantizers[name] = FocusedWeightQuantizer(weight, bits, separation_threshold, seed, fraction)
+            quantizers[name] = FocusedWeightQuantizer(weight, bits, separation_threshold, seed, fraction, levels, assignment, hardware)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from exc
-    rows = []
     for name, module in chosen:
-        quantizer = quantizers[name]
-        parametrize.register_parametrization(module, "weight", FocusedWeight(quantizer, (module.weight.detach() != 0).to(module.weight.dtype)))
+        parametrize.register_parametrization(module, "weight", FocusedWeight(quantizers[name], (module.weight.detach() != 0).to(module.weight.dtype)))
+    return focused_table(model)
+
+
+def focused_table(model: nn.Module) -> pd.DataFrame:
+    """Per focused layer, its current layout: mode, separation of the last fit, centres, spreads, exponent range,
+    level set and how often it was re-estimated."""
+    rows = []
+    for name, module, param in focused_layers(model):
+        quantizer = param.weight_quantizer
         layout, mixture = quantizer.layout, quantizer.mixture
         rows.append({"layer": name, "focused": layout.focused, "separation": None if mixture is None else mixture.separation,
                      "centres": layout.centres, "spreads": layout.spreads, "e_min": layout.e_min, "e_max": layout.e_max,
-                     "nonzero": int((module.parametrizations.weight.original != 0).sum())})
+                     "levels": quantizer.levels, "exponents": layout.exponents, "zero_level": layout.zero_level,
+                     "refits": int(quantizer.refits), "nonzero": int((module.parametrizations.weight.original != 0).sum())})
     return pd.DataFrame(rows)
 
 
@@ -69,7 +83,15 @@ def focus_quantize_(model: nn.Module, bits: int, separation_threshold: float = D
 def set_fraction_(model: nn.Module, fraction: float) -> None:
     """Hold ``fraction`` of every focused layer's non-zero weights at their levels (largest magnitudes first)."""
     for _, module, param in focused_layers(model):
-        param.quantizer.set_fraction(module.parametrizations.weight.original * param.keep, fraction)
+        param.weight_quantizer.set_fraction(module.parametrizations.weight.original * param.keep, fraction)
+
+
+@torch.no_grad()
+def refit_(model: nn.Module) -> None:
+    """Re-estimate every focused layer's centres, spreads, assignments and exponent range from its current
+    latent weights (the paper's periodic re-estimation during fine-tuning)."""
+    for _, module, param in focused_layers(model):
+        param.weight_quantizer.refit(module.parametrizations.weight.original * param.keep)
 
 
 @torch.no_grad()
@@ -77,5 +99,6 @@ def focused_codes(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
     """Per focused layer: integer codes (-1 where pruned) and header bits, for :func:`compress.compression_table`."""
     out = {}
     for name, module, param in focused_layers(model):
-        out[name] = (param.quantizer.codes(module.parametrizations.weight.original * param.keep).cpu(), param.quantizer.header_bits)
+        out[name] = (param.weight_quantizer.codes(module.parametrizations.weight.original * param.keep).cpu(),
+                     param.weight_quantizer.header_bits)
     return out
