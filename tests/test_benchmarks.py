@@ -62,6 +62,13 @@ def test_bench_ptq_records_the_ratio(bench, cifar10_zip):
     assert record["ptqsl_vs_validation_pass"] > 0 and set(record["seconds"]) == {"validation pass", "PTQ-SL"}
 
 
+def test_bench_shift_records_the_ratio_and_the_agreement(bench):
+    record = bench("bench_shift", "--batch", "1", "--repeats", "1")
+    assert record["focused_layers"] == 20 and record["batch"] == 1 and record["same_classes"] is True
+    assert record["shift_add_vs_fp32"] > 0 and record["fake_quantized_vs_fp32"] > 0
+    assert record["max_logit_difference"] < 0.05 and set(record["seconds"]) == {"fp32", "fake-quantized", "shift-add"}
+
+
 def test_bench_coding_records_exact_round_trips(bench):
     record = bench("bench_coding", "--repeats", "1", "--sparsity", "0.95", "--bits", "3")
     assert record["exact_round_trip"] is True and set(record["coders"]) == {"huffman", "ans", "zstd"}
