@@ -110,9 +110,11 @@ def test_command_line_saves_and_loads_results(tmp_path, quick_baseline_dir):
     out = tmp_path / "out"
     code = main(["--out", str(out), "--run-dir", str(run / "focused"), "--sparsity", "0.6", "--prune-steps", "1",
                  "--fractions", "1.0", "--bits", "4", "--baseline-bits", "3", "--levels", "log2", "--assignment", "sample",
-                 "--hardware", "--no-refit"])
+                 "--hardware", "--no-refit", "--layer-sparsity", "features.0.*=0.3"])
     assert code == 0
     loaded = load_results(out)
+    nonzero = loaded["layers"].set_index("layer")["nonzero"]
+    assert nonzero["features.0.0"] == round(0.7 * 32 * 16 * 9) and nonzero["features.2.0"] == round(0.4 * 64 * 32 * 9)
     assert {k: loaded["config"][k] for k in ("levels", "assignment", "hardware", "refit")} == {
         "levels": "log2", "assignment": "sample", "hardware": True, "refit": False}
     assert (loaded["layers"]["levels"] == "log2").all() and not loaded["layers"]["zero_level"].any()

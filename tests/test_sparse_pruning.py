@@ -92,3 +92,31 @@ def test_other_bad_inputs():
         cubic_schedule(0.5, 0)
     with pytest.raises(ValueError, match="initial sparsity 0.6 is above the final 0.5"):
         cubic_schedule(0.5, 3, initial=0.6)
+
+
+def test_per_layer_targets_first_pattern_wins_and_the_rest_stay_dense():
+    model = _model()
+    table = magnitude_prune_(model, {"features.0.*": 0.9, "features.*": 0.5, "classifier": 0.25}).set_index("layer")
+    expected = {"stem.0": 0.0, "features.0.0": 0.9, "features.2.0": 0.5, "classifier": 0.25}
+    for name, target in expected.items():
+        assert table.loc[name, "zeros"] == round(target * table.loc[name, "weights"]), name
+    with pytest.raises(ValueError, match="per-layer sparsities need scope='layer'"):
+        magnitude_prune_(_model(), {"*": 0.5}, scope="global")
+    with pytest.raises(ValueError, match=r"sparsity for 'features.\*' must be a number in \[0, 1\), got 1.5"):
+        magnitude_prune_(_model(), {"features.*": 1.5})
+    with pytest.raises(ValueError, match="must be \\(pattern, value\\) pairs, got 0.5"):
+        magnitude_prune_(_model(), (0.5,))
+
+
+def test_command_line_layer_sparsity_pairs():
+    from cpq_lib.sparse.__main__ import _sparsity
+    from cpq_lib.sparse.pipeline import CompressionConfig
+
+    assert _sparsity(0.8, []) == 0.8
+    pairs = _sparsity(0.8, ["layer3.*=0.9", "*shortcut*=0.5"])
+    assert pairs == (("layer3.*", 0.9), ("*shortcut*", 0.5), ("*", 0.8))
+    assert CompressionConfig(sparsity=dict(pairs)).sparsity == pairs  # a dict becomes the same pairs
+    with pytest.raises(ValueError, match="--layer-sparsity 'layer3': expected PATTERN=VALUE"):
+        _sparsity(0.8, ["layer3"])
+    with pytest.raises(ValueError, match="per-layer sparsities need scope 'layer'"):
+        CompressionConfig(sparsity=pairs, scope="global")

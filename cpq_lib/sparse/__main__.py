@@ -30,6 +30,22 @@ from .pipeline import CompressionConfig, compress_model, save_results
 from .pruning import SCOPES
 
 
+def _sparsity(default: float, pairs: list[str]):
+    """--sparsity alone, or the --layer-sparsity PATTERN=VALUE pairs then ('*', --sparsity)."""
+    if not pairs:
+        return default
+    parsed = []
+    for text in pairs:
+        pattern, sep, value = text.rpartition("=")
+        try:
+            parsed.append((pattern, float(value)))
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise ValueError(f"--layer-sparsity {text!r}: expected PATTERN=VALUE, e.g. 'layer3.*=0.9'")
+    return (*parsed, ("*", default))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cpq_lib.sparse", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=PROFILES, default="quick")
@@ -37,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the result tables")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--layer-sparsity", action="append", default=[], metavar="PATTERN=VALUE",
+                        help="a layer's own target (fnmatch pattern on its name; the first match wins, --sparsity for the "
+                             "rest), e.g. 'layer3.*=0.9'; repeatable")
     parser.add_argument("--scope", default="layer", choices=SCOPES)
     parser.add_argument("--prune-steps", type=integer_at_least(1), default=3)
     parser.add_argument("--prune-epochs", type=integer_at_least(0), default=1)
@@ -60,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                  **({"threads": args.threads} if args.threads is not None else {})}
     try:  # everything is checked before data or models are loaded
         config = make_config(args.profile, overrides)
-        compression = CompressionConfig(sparsity=args.sparsity, scope=args.scope, prune_steps=args.prune_steps,
+        compression = CompressionConfig(sparsity=_sparsity(args.sparsity, args.layer_sparsity), scope=args.scope, prune_steps=args.prune_steps,
                                         prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
                                         assignment=args.assignment, hardware=args.hardware, refit=args.refit,
                                         baseline_bits=args.baseline_bits,

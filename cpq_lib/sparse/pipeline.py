@@ -41,13 +41,16 @@ from ..train import evaluate, train_model
 from .compress import compression_table
 from .focused import ASSIGNMENTS, DEFAULT_SEPARATION, check_bits, check_levels
 from .kmeans import SharedWeight, fit_codebook, quantize_with_codebook
-from .pruning import SCOPES, check_sparsity, cubic_schedule, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names
+from .pruning import (
+    SCOPES, Sparsity, check_layer_sparsity, cubic_factors, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names,
+    scale_sparsity, sparsity_table,
+)
 from .transform import focus_quantize_, focused_codes, focused_table, refit_, set_fraction_
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    sparsity: float = 0.8
+    sparsity: Sparsity = 0.8             # one target, or (fnmatch pattern, target) pairs (a dict is accepted)
     scope: str = "layer"
     prune_steps: int = 3
     prune_epochs: int = 1
@@ -65,7 +68,9 @@ class CompressionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
+        object.__setattr__(self, "sparsity", check_layer_sparsity(self.sparsity))
+        if self.scope == "global" and isinstance(self.sparsity, tuple):
+            raise ValueError("per-layer sparsities need scope 'layer' (a global threshold has one target)")
         check_bits(self.bits)
         check_levels(self.levels)
         if self.assignment not in ASSIGNMENTS:
@@ -115,6 +120,14 @@ def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: 
                     progress=progress, state_key={"stage": state.stem, "artefact": key.digest}, restart_stale=True)
 
 
+def _sparsity_of(model: nn.Module, names: list[str], target: Sparsity) -> float:
+    """The stage table's sparsity: the target where it is one number, else the measured share over the quantized layers."""
+    if not isinstance(target, tuple):
+        return target
+    table = sparsity_table(model).set_index("layer").loc[names]
+    return float(table["zeros"].sum() / table["weights"].sum())
+
+
 def _accuracy(model, data, split: str, device: str) -> float:
     return evaluate(model, data.eval_loader(split), data.num_classes, device).accuracy
 
@@ -130,7 +143,8 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     keys = stage_keys(model, data, config, train)
 
     pruned = copy.deepcopy(model)
-    for step, target in enumerate(cubic_schedule(config.sparsity, config.prune_steps), start=1):
+    for step, factor in enumerate(cubic_factors(config.prune_steps), start=1):
+        target = scale_sparsity(config.sparsity, factor)
         done, key = run_dir / f"prune-{step}.pt", keys["prune"].extend("sparse/prune", {"step": step})
         state = load_artefact(done, key)
         if state is not None:
@@ -141,9 +155,10 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
             _fine_tune(pruned, data, train, config.prune_epochs, config.seed + step, device, run_dir / f"prune-{step}.state",
                        progress, key)
             save_artefact(pruned.state_dict(), done, key)
-        stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": target,
+        stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": _sparsity_of(pruned, names, target),
                        "val_accuracy": _accuracy(pruned, data, "val", device)})
     make_permanent_(pruned)
+    final_sparsity = _sparsity_of(pruned, names, config.sparsity)
 
     focused = copy.deepcopy(pruned)
     focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed,
@@ -160,7 +175,7 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
             _fine_tune(focused, data, train, config.quant_epochs, config.seed + 100 + index, device,
                        run_dir / f"focused-{index}.state", progress, key)
             save_artefact(focused.state_dict(), done, key)
-        stages.append({"stage": f"focused {fraction:.3g}", "sparsity": config.sparsity,
+        stages.append({"stage": f"focused {fraction:.3g}", "sparsity": final_sparsity,
                        "val_accuracy": _accuracy(focused, data, "val", device)})
 
     layers = focused_table(focused)  # the final layouts (after every re-estimation)
@@ -178,7 +193,7 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         _fine_tune(baseline, data, train, config.quant_epochs * len(config.fractions), config.seed + 200, device,
                    run_dir / "baseline.state", progress, keys["baseline"])
         save_artefact(baseline.state_dict(), done, keys["baseline"])
-    stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": config.sparsity,
+    stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": final_sparsity,
                    "val_accuracy": _accuracy(baseline, data, "val", device)})
 
     baseline_codes = {name: (baseline.get_submodule(name).parametrizations.weight[0].codes.cpu(),

@@ -21,6 +21,39 @@ from torch import nn
 from torch.nn.utils import prune
 
 SCOPES = ("layer", "global")
+# a target: one sparsity for every layer, or (fnmatch pattern, sparsity) pairs: a layer takes the first
+# pattern it matches; layers matching none are not pruned
+Sparsity = float | tuple[tuple[str, float], ...]
+
+
+def check_layer_sparsity(sparsity, where: str = "sparsity") -> Sparsity:
+    """A number in [0, 1), or a mapping / pairs of fnmatch pattern -> number in [0, 1) (as a tuple of pairs)."""
+    if isinstance(sparsity, dict):
+        sparsity = tuple(sparsity.items())
+    if not isinstance(sparsity, (tuple, list)):
+        return check_sparsity(sparsity, where)
+    pairs = []
+    for item in sparsity:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"{where}: per-layer sparsity must be (pattern, value) pairs, got {item!r}")
+        pairs.append((item[0], check_sparsity(item[1], f"{where} for {item[0]!r}")))
+    if not pairs:
+        raise ValueError(f"{where}: no (pattern, value) pairs given")
+    return tuple(pairs)
+
+
+def layer_targets(layers: Sequence[tuple[str, nn.Module]], sparsity: Sparsity) -> dict[str, float]:
+    """Each layer's sparsity under ``sparsity`` (see :data:`Sparsity`)."""
+    if not isinstance(sparsity, tuple):
+        return {name: float(sparsity) for name, _ in layers}
+    return {name: next((value for pattern, value in sparsity if fnmatch.fnmatchcase(name, pattern)), 0.0) for name, _ in layers}
+
+
+def scale_sparsity(sparsity: Sparsity, factor: float) -> Sparsity:
+    """Every target times ``factor`` (a step of a gradual schedule towards it)."""
+    if isinstance(sparsity, tuple):
+        return tuple((pattern, value * factor) for pattern, value in sparsity)
+    return sparsity * factor
 
 
 def check_sparsity(sparsity: float, where: str = "sparsity") -> float:
@@ -46,21 +79,26 @@ def _smallest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def magnitude_prune_(model: nn.Module, sparsity: float, scope: str = "layer", exclude: Sequence[str] = ()) -> pd.DataFrame:
+def magnitude_prune_(model: nn.Module, sparsity: Sparsity, scope: str = "layer", exclude: Sequence[str] = ()) -> pd.DataFrame:
     """Prune the smallest-magnitude weights so that ``sparsity`` of them are zero, per layer or globally.
 
-    Already pruned weights stay pruned (their magnitude is 0); returns :func:`sparsity_table`. Refuses
-    a sparsity that would leave a layer without weights.
+    ``sparsity`` is one number, or (pattern, sparsity) pairs / a dict giving layers their own targets
+    (``scope="layer"`` only; layers matching no pattern are not pruned). Already pruned weights stay
+    pruned (their magnitude is 0); returns :func:`sparsity_table`. Refuses a sparsity that would leave
+    a layer without weights.
     """
-    sparsity = check_sparsity(sparsity)
+    sparsity = check_layer_sparsity(sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r} is not allowed; choose one of {list(SCOPES)}")
+    if scope == "global" and isinstance(sparsity, tuple):
+        raise ValueError("per-layer sparsities need scope='layer' (a global threshold has one target)")
     layers = prunable_layers(model, exclude)
     if not layers:
         raise ValueError("no Conv2d / Linear layer to prune (check exclude)")
     magnitudes = {name: module.weight.detach().abs() for name, module in layers}
     if scope == "layer":
-        masks = {name: _smallest_mask(m, round(sparsity * m.numel())) for name, m in magnitudes.items()}
+        targets = layer_targets(layers, sparsity)
+        masks = {name: _smallest_mask(m, round(targets[name] * m.numel())) for name, m in magnitudes.items()}
     else:
         flat = torch.cat([m.flatten() for m in magnitudes.values()])
         keep = _smallest_mask(flat, round(sparsity * flat.numel()))
@@ -112,6 +150,13 @@ def sparsity_table(model: nn.Module) -> pd.DataFrame:
     rows.append({"layer": "total", "weights": total_weights, "zeros": total_zeros,
                  "sparsity": total_zeros / max(total_weights, 1)})
     return pd.DataFrame(rows)
+
+
+def cubic_factors(steps: int) -> list[float]:
+    """The cubic schedule's share of the final sparsity after each of ``steps`` steps (from 0): 1 - (1 - k / steps)^3."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return [1 - (1 - k / steps) ** 3 for k in range(1, steps + 1)]
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
