@@ -26,7 +26,7 @@ from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
 from ..runtime import configure_for
 from .focused import ASSIGNMENTS, LEVEL_SETS, MAX_BITS, MIN_BITS
-from .pipeline import CompressionConfig, compress_model, save_results
+from .pipeline import PRUNING_METHODS, CompressionConfig, compress_model, save_results
 from .pruning import SCOPES
 
 
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-sparsity", action="append", default=[], metavar="PATTERN=VALUE",
                         help="a layer's own target (fnmatch pattern on its name; the first match wins, --sparsity for the "
                              "rest), e.g. 'layer3.*=0.9'; repeatable")
-    parser.add_argument("--scope", default="layer", choices=SCOPES)
+    parser.add_argument("--scope", default="layer", choices=SCOPES, help="layer: each layer its own target; global: one "
+                        "magnitude threshold over all layers (their sparsities then differ)")
+    parser.add_argument("--pruning", default="magnitude", choices=PRUNING_METHODS,
+                        help="surgery: dynamic network surgery (masks follow training, cut weights can grow back)")
     parser.add_argument("--prune-steps", type=integer_at_least(1), default=3)
     parser.add_argument("--prune-epochs", type=integer_at_least(0), default=1)
     parser.add_argument("--bits", type=integer_between(MIN_BITS, MAX_BITS), default=5)
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                  **({"threads": args.threads} if args.threads is not None else {})}
     try:  # everything is checked before data or models are loaded
         config = make_config(args.profile, overrides)
-        compression = CompressionConfig(sparsity=_sparsity(args.sparsity, args.layer_sparsity), scope=args.scope, prune_steps=args.prune_steps,
+        compression = CompressionConfig(sparsity=_sparsity(args.sparsity, args.layer_sparsity), scope=args.scope, pruning=args.pruning, prune_steps=args.prune_steps,
                                         prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
                                         assignment=args.assignment, hardware=args.hardware, refit=args.refit,
                                         baseline_bits=args.baseline_bits,

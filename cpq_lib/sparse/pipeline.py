@@ -1,7 +1,9 @@
 """The focused-quantization compression pipeline and its Deep Compression baseline, resumable by stage.
 
 1. **Pruning**: magnitude pruning to ``sparsity`` along Zhu & Gupta's cubic schedule (``prune_steps``
-   steps), each followed by ``prune_epochs`` of masked fine-tuning.
+   steps), each followed by ``prune_epochs`` of masked fine-tuning; or (``pruning="surgery"``, the
+   paper's) dynamic network surgery along the same schedule: masks that follow the weights during the
+   fine-tuning, cut weights that can grow back (:mod:`.surgery`).
 2. **Focused quantization** of the pruned model: quantized weights held at their levels in steps
    (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each;
    with ``refit`` the mixture, assignments and exponent ranges are re-estimated from the current
@@ -45,13 +47,18 @@ from .pruning import (
     SCOPES, Sparsity, check_layer_sparsity, cubic_factors, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names,
     scale_sparsity, sparsity_table,
 )
+from .surgery import fold_surgery_, prepare_surgery_, surgery_names, surgery_prune_
 from .transform import focus_quantize_, focused_codes, focused_table, refit_, set_fraction_
+
+
+PRUNING_METHODS = ("magnitude", "surgery")
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     sparsity: Sparsity = 0.8             # one target, or (fnmatch pattern, target) pairs (a dict is accepted)
     scope: str = "layer"
+    pruning: str = "magnitude"           # magnitude | surgery (dynamic network surgery)
     prune_steps: int = 3
     prune_epochs: int = 1
     bits: int = 5
@@ -75,6 +82,10 @@ class CompressionConfig:
         check_levels(self.levels)
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment {self.assignment!r} is not allowed; choose one of {list(ASSIGNMENTS)}")
+        if self.pruning not in PRUNING_METHODS:
+            raise ValueError(f"pruning {self.pruning!r} is not allowed; choose one of {list(PRUNING_METHODS)}")
+        if self.pruning == "surgery" and (self.scope != "layer" or self.prune_epochs < 1):
+            raise ValueError("pruning 'surgery' needs scope 'layer' and prune_epochs >= 1 (its masks move during fine-tuning)")
         if self.scope not in SCOPES:
             raise ValueError(f"scope {self.scope!r} is not allowed; choose one of {list(SCOPES)}")
         if isinstance(self.baseline_bits, bool) or not isinstance(self.baseline_bits, int) or not 1 <= self.baseline_bits <= 8:
@@ -101,7 +112,7 @@ def stage_keys(model: nn.Module, data, config: CompressionConfig, train: TrainCo
     """Keys of the three stage families; focused and baseline extend the pruning key (they start from it)."""
     pruning = ArtefactKey.make("sparse/prune", {
         "model": state_fingerprint(model), "dataset": data.name, "val_digest": data.val_digest, "train": train,
-        "sparsity": config.sparsity, "scope": config.scope, "prune_steps": config.prune_steps,
+        "sparsity": config.sparsity, "scope": config.scope, "pruning": config.pruning, "prune_steps": config.prune_steps,
         "prune_epochs": config.prune_epochs, "exclude": config.exclude, "seed": config.seed,
         "dtype": torch.get_default_dtype()}, STAGE_CODE)
     return {"prune": pruning,
@@ -120,9 +131,10 @@ def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: 
                     progress=progress, state_key={"stage": state.stem, "artefact": key.digest}, restart_stale=True)
 
 
-def _sparsity_of(model: nn.Module, names: list[str], target: Sparsity) -> float:
-    """The stage table's sparsity: the target where it is one number, else the measured share over the quantized layers."""
-    if not isinstance(target, tuple):
+def _sparsity_of(model: nn.Module, names: list[str], target: Sparsity, measured: bool = False) -> float:
+    """The stage table's sparsity: the target where it is one number (magnitude pruning meets it exactly),
+    else (per-layer targets, surgery) the measured share over the quantized layers."""
+    if not isinstance(target, tuple) and not measured:
         return target
     table = sparsity_table(model).set_index("layer").loc[names]
     return float(table["zeros"].sum() / table["weights"].sum())
@@ -149,16 +161,21 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         state = load_artefact(done, key)
         if state is not None:
             prepare_masks_(pruned, pruned_names(state))
+            prepare_surgery_(pruned, surgery_names(state))
             pruned.load_state_dict(state)
         else:
-            magnitude_prune_(pruned, target, config.scope, exclude=patterns)
+            if config.pruning == "surgery":
+                surgery_prune_(pruned, target, exclude=patterns)
+            else:
+                magnitude_prune_(pruned, target, config.scope, exclude=patterns)
             _fine_tune(pruned, data, train, config.prune_epochs, config.seed + step, device, run_dir / f"prune-{step}.state",
                        progress, key)
             save_artefact(pruned.state_dict(), done, key)
-        stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": _sparsity_of(pruned, names, target),
+        stages.append({"stage": f"pruned {step}/{config.prune_steps}", "sparsity": _sparsity_of(pruned, names, target, config.pruning == "surgery"),
                        "val_accuracy": _accuracy(pruned, data, "val", device)})
+    fold_surgery_(pruned)
     make_permanent_(pruned)
-    final_sparsity = _sparsity_of(pruned, names, config.sparsity)
+    final_sparsity = _sparsity_of(pruned, names, config.sparsity, config.pruning == "surgery")
 
     focused = copy.deepcopy(pruned)
     focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed,
