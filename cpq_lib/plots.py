@@ -54,6 +54,7 @@ NAMES = {
     "none": "plain", "permute": "permuted by range", "index_sort": "index maps, sorted",
     "index_kmeans": "index maps, k-means", "sort": "index maps, sorted", "kmeans": "index maps, k-means",
     "focused": "focused", "deep compression": "Deep Compression", "float": "full precision",
+    "deep compression fp16 codebooks": "Deep Compression, fp16 codebooks", "pruned only": "pruned only",
     "huffman": "Huffman", "ans": "ANS", "zstd": "zstd",
 }
 
@@ -539,20 +540,28 @@ def accuracy_vs_granularity(results: pd.DataFrame, float_accuracy: float | None 
 # --- 09 focused quantization -------------------------------------------------------------------------
 
 def pipeline_accuracy(stages: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Validation accuracy along the compression pipeline: pruning and focused steps joined by a line,
-    the Deep Compression baseline (a separate model from the pruned one) as its own point."""
-    is_baseline = stages["stage"].astype(str).str.startswith("deep compression")
+    """Validation accuracy along the compression pipeline: pruning and focused steps joined by a line, the
+    models made beside it from the same pruned model (Deep Compression, the pruned-only control) as points."""
+    stage = stages["stage"].astype(str)
+    groups = {"Deep Compression (same pruned model)": stage.str.startswith("deep compression"),
+              "pruned only, same extra epochs": stage.str.startswith("pruned only")}
+    separate = groups["Deep Compression (same pruned model)"] | groups["pruned only, same extra epochs"]
     fig, axes = new_figure("full", 2.6)
     ax = axes[0, 0]
-    steps = stages[~is_baseline]
+    steps = stages[~separate]
     ax.plot(range(len(steps)), 100 * steps["val_accuracy"], label="pruning, then focused quantization", **_style(0))
-    baseline = stages[is_baseline]
-    positions = list(range(len(steps), len(steps) + len(baseline)))
-    ax.scatter(positions, 100 * baseline["val_accuracy"], marker="s", color=PALETTE[1], zorder=3,
-               label="Deep Compression (same pruned model)")
-    ax.set_xticks(range(len(stages)), list(steps["stage"]) + list(baseline["stage"]), rotation=35, ha="right")
+    position, labels = len(steps), list(steps["stage"])
+    for index, (label, chosen) in enumerate(groups.items(), start=1):
+        points = stages[chosen]
+        if points.empty:
+            continue
+        xs = list(range(position, position + len(points)))
+        ax.scatter(xs, 100 * points["val_accuracy"], marker="sD"[index - 1], color=PALETTE[index], zorder=3, label=label)
+        position += len(points)
+        labels += list(points["stage"])
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
     ax.set(ylabel="validation top-1 (%)")
-    _legend_below(fig, ncol=2)
+    _legend_below(fig, ncol=3)
     return _finish(fig, title)
 
 

@@ -26,10 +26,22 @@ def test_pipeline_stages_sizes_and_exact_resume(digits_baseline, digits, tmp_pat
     first = compress_model(model, digits, config, TRAIN, tmp_path / "a", progress=False)
     stages = first["stages"]
     assert stages["stage"].tolist() == ["float", "pruned 1/2", "pruned 2/2", "focused 0.5", "focused 1",
-                                         "deep compression 4-bit"]
+                                         "deep compression 4-bit", "pruned only, +2 epochs",
+                                         "deep compression 4-bit, fp16 codebooks"]
     sizes = first["sizes"]
-    assert set(sizes["method"]) == {"focused", "deep compression"} and set(sizes["coder"]) == {"huffman", "ans", "zstd"}
-    assert (sizes[sizes["layer"] == "total"]["ratio"] > 1).all()
+    assert set(sizes["method"]) == {"focused", "deep compression", "deep compression fp16 codebooks"}
+    assert set(sizes["coder"]) == {"huffman", "ans", "zstd"}
+    totals = sizes[sizes["layer"] == "total"].set_index(["method", "coder"])
+    assert (totals["ratio"] > 1).all() and (totals["coded_layers_ratio"] > totals["ratio"]).all()  # fp32 remainder left out
+    layers = sizes[(sizes["layer"] != "total") & (sizes["coder"] == "ans")]
+    coded = layers.groupby("method")["bits"].sum()
+    assert totals.loc[("focused", "ans"), "coded_layers_ratio"] == pytest.approx(32 * layers[layers["method"] == "focused"]["weights"].sum() / coded["focused"])
+    header = layers.groupby("method")["header_bits"].sum()  # 16 instead of 32 bits per centroid, 16 centroids per layer
+    assert header["deep compression"] - header["deep compression fp16 codebooks"] == 16 * 16 * len(first["layers"])
+    assert set(first["test_accuracy"]) == {"float", "focused", "deep compression", "pruned only", "deep compression fp16 codebooks"}
+    control = first["models"]["pruned only"]
+    for name in first["layers"]["layer"]:  # the control is the pruned model trained on: the same zeros, other weights
+        assert torch.equal(control.get_submodule(name).weight == 0, first["models"]["focused"].get_submodule(name).weight == 0)
     focused = first["models"]["focused"]
     for name in first["layers"]["layer"]:
         weight = focused.get_submodule(name).weight
@@ -37,8 +49,9 @@ def test_pipeline_stages_sizes_and_exact_resume(digits_baseline, digits, tmp_pat
         quantizer = focused.get_submodule(name).parametrizations.weight[0].weight_quantizer
         assert int(quantizer.refits) == 1 and quantizer.levels == "paper"  # re-estimated before the second step
     assert (first["layers"]["levels"] == "paper").all() and first["layers"]["zero_level"].all()
+    assert first["layers"]["input_bits"].isna().all()  # float activations unless hardware=True
     # a run killed after the first focused stage resumes to the same result
-    for stale in ["focused-2.pt", "focused-2.state", "baseline.pt", "baseline.state"]:
+    for stale in ["focused-2.pt", "focused-2.state", "baseline.pt", "baseline.state", "pruned-only.pt", "pruned-only.state"]:
         (tmp_path / "a" / stale).unlink()
     assert _summary(compress_model(model, digits, config, TRAIN, tmp_path / "a", progress=False)) == _summary(first)
 
@@ -118,8 +131,9 @@ def test_command_line_saves_and_loads_results(tmp_path, quick_baseline_dir):
     assert {k: loaded["config"][k] for k in ("levels", "assignment", "hardware", "refit")} == {
         "levels": "log2", "assignment": "sample", "hardware": True, "refit": False}
     assert (loaded["layers"]["levels"] == "log2").all() and not loaded["layers"]["zero_level"].any()
-    assert loaded["config"]["bits"] == 4 and set(loaded["test_accuracy"]) == {"float", "focused", "deep compression"}
-    assert loaded["stages"]["stage"].tolist()[-1] == "deep compression 3-bit" and "command" in loaded["record"]["results"]
+    assert (loaded["layers"]["input_bits"] == 8).all()  # the hardware variant's 8-bit activations
+    assert loaded["config"]["bits"] == 4 and set(loaded["test_accuracy"]) == {"float", "focused", "deep compression", "pruned only", "deep compression fp16 codebooks"}
+    assert "deep compression 3-bit" in loaded["stages"]["stage"].tolist() and "command" in loaded["record"]["results"]
     assert main(["--out", str(out), "--sparsity", "1.5"]) == 2
     with pytest.raises(FileNotFoundError, match="not a saved compression result"):
         load_results(tmp_path)

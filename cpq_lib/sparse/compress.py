@@ -63,7 +63,9 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
     """Per coder: coded bits per layer, the rest of the model at fp32, totals and the ratio vs fp32.
 
     ``layer_codes`` maps a layer name to (codes, header bits); its ``weight`` is then not counted at fp32.
-    Rows: one per (coder, layer) plus a ``total`` row per coder with ``ratio`` = fp32 bits / coded bits.
+    Rows: one per (coder, layer) plus a ``total`` row per coder with ``ratio`` = fp32 bits / coded bits (the
+    whole model, what cpq reports first) and ``coded_layers_ratio`` = the coded layers' weights at fp32 /
+    their coded bits (what the paper's ResNet-50 figure counts: conv weights only).
     Each layer row also gives the empirical entropy of its two streams (the order-0 bound), the coder's
     payload bits (to compare with it) and its table / model bits (alphabet, code lengths or counts).
     """
@@ -79,6 +81,7 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
                             if not k.startswith(coded) and _stored_at_fp32(k, t))
     reference = float_bits(model)
     entropy = {name: _stream_entropy(codes, max_gap) for name, (codes, _) in layer_codes.items()}  # same for every coder
+    coded_float = FLOAT_BITS * sum(int(codes.numel()) for codes, _ in layer_codes.values())
     rows = []
     for coder in coders:
         total = rest
@@ -95,7 +98,7 @@ def compression_table(model: nn.Module, layer_codes: dict[str, tuple[torch.Tenso
         rows.append({"coder": coder, "layer": "total", "weights": sum(int(c.numel()) for c, _ in layer_codes.values()),
                      "nonzero": sum(int((c >= 0).sum()) for c, _ in layer_codes.values()), "index_bits": None,
                      "code_bits": None, "payload_bits": None, "table_bits": None, "header_bits": None, "bits": total, "entropy_bits": None,
-                     "ratio": reference / total})
+                     "ratio": reference / total, "coded_layers_ratio": coded_float / max(total - rest, 1)})
     return pd.DataFrame(rows)
 
 

@@ -64,6 +64,13 @@ class SharedWeight(torch.nn.Module):
         super().__init__()
         self.register_buffer("codes", codes)
         self.centroids = torch.nn.Parameter(torch.from_numpy(codebook.centroids.copy()).to(codes.device))
+        self.codebook_bits = 32  # bits per stored centroid (see :meth:`to_fp16_codebook_`)
+
+    @torch.no_grad()
+    def to_fp16_codebook_(self) -> None:
+        """Store the centroids at 16 bits: rounded to float16 (the model computes with the rounded values)."""
+        self.centroids.copy_(self.centroids.half().to(self.centroids.dtype))
+        self.codebook_bits = 16
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         shared = self.centroids[self.codes.clamp_min(0)]
@@ -71,4 +78,4 @@ class SharedWeight(torch.nn.Module):
 
     @property
     def header_bits(self) -> int:
-        return 32 * self.centroids.numel()
+        return self.codebook_bits * self.centroids.numel()

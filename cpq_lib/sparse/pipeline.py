@@ -13,7 +13,10 @@
 3. **Baseline** (Deep Compression) on the same pruned model: k-means weight sharing at
    ``baseline_bits``, centroids fine-tuned for the same number of epochs as step 2 in total.
 4. **Coding**: both models' codes and sparsity patterns with Huffman, ANS and zstd; sizes and ratios
-   against fp32 (:mod:`.compress`).
+   against fp32, for the whole model and for the coded layers alone (:mod:`.compress`).
+5. **Controls** (``controls``, on by default): the pruned model fine-tuned for as many epochs as the
+   quantized ones get (how much of the loss is the pruning's), and Deep Compression with its
+   codebooks stored at fp16 (a sensitivity row: how much of a size gap is the codebooks' precision).
 
 Every fine-tuning run checkpoints each epoch (the trainer's resumable state) and every finished stage
 writes the model's state, so a killed pipeline resumes at its last epoch. Each stage file carries the
@@ -34,14 +37,15 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ..artefacts import ArtefactKey, load_artefact, save_artefact, state_fingerprint
 from ..config import TrainConfig
-from ..quant.transform import excluded_names
+from ..quant.transform import calibrate_, excluded_names
 from ..train import evaluate, train_model
 from .compress import compression_table
 from .focused import ASSIGNMENTS, DEFAULT_SEPARATION, check_bits, check_levels
+from .executor import quantize_focused_inputs_
 from .kmeans import SharedWeight, fit_codebook, quantize_with_codebook
 from .pruning import (
     SCOPES, Sparsity, check_layer_sparsity, cubic_factors, magnitude_prune_, make_permanent_, prepare_masks_, pruned_names,
@@ -52,6 +56,7 @@ from .transform import focus_quantize_, focused_codes, focused_table, refit_, se
 
 
 PRUNING_METHODS = ("magnitude", "surgery")
+HARDWARE_CALIBRATION_IMAGES = 512  # training images that calibrate the hardware variant's 8-bit inputs
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class CompressionConfig:
     assignment: str = "argmax"
     hardware: bool = False
     refit: bool = True
+    controls: bool = True                # pruned-only fine-tuning (same epochs) and Deep Compression with fp16 codebooks
     separation: float = DEFAULT_SEPARATION
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875, 1.0)
     quant_epochs: int = 1
@@ -121,7 +127,8 @@ def stage_keys(model: nn.Module, data, config: CompressionConfig, train: TrainCo
                                                          "levels": config.levels, "assignment": config.assignment,
                                                          "hardware": config.hardware, "refit": config.refit}),
             "baseline": pruning.extend("sparse/deep-compression", {"baseline_bits": config.baseline_bits,
-                                                                   "epochs": config.quant_epochs * len(config.fractions)})}
+                                                                   "epochs": config.quant_epochs * len(config.fractions)}),
+            "pruned-only": pruning.extend("sparse/pruned-only", {"epochs": config.quant_epochs * len(config.fractions)})}
 
 
 def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: str, state: Path, progress: bool,
@@ -179,7 +186,10 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
 
     focused = copy.deepcopy(pruned)
     focus_quantize_(focused, config.bits, config.separation, config.fractions[0], config.exclude, config.seed,
-                             config.levels, config.assignment, config.hardware)
+                    config.levels, config.assignment, config.hardware)
+    if config.hardware:  # multiplication-free inference needs integer inputs: the paper's 8-bit activations
+        quantize_focused_inputs_(focused, bits=8)
+        calibrate_(focused, data.calibration_loader(HARDWARE_CALIBRATION_IMAGES, seed=config.seed), device)
     for index, fraction in enumerate(config.fractions, start=1):
         done, key = run_dir / f"focused-{index}.pt", keys["focused"].extend("sparse/focused", {"step": index})
         if config.refit and index > 1:  # from the weights the previous step left (loaded from its file on resume)
@@ -213,15 +223,43 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": final_sparsity,
                    "val_accuracy": _accuracy(baseline, data, "val", device)})
 
-    baseline_codes = {name: (baseline.get_submodule(name).parametrizations.weight[0].codes.cpu(),
-                             baseline.get_submodule(name).parametrizations.weight[0].header_bits) for name in names}
-    tables = pd.concat([compression_table(focused, focused_codes(focused), max_gap=config.max_gap).assign(method="focused"),
-                        compression_table(baseline, baseline_codes, max_gap=config.max_gap).assign(method="deep compression")],
-                       ignore_index=True)
+    models = {"float": model, "focused": focused, "deep compression": baseline}
+    tables = [compression_table(focused, focused_codes(focused), max_gap=config.max_gap).assign(method="focused"),
+              compression_table(baseline, _codebook_codes(baseline, names), max_gap=config.max_gap).assign(method="deep compression")]
+    if config.controls:
+        # pruning alone, fine-tuned as long as the quantized models: how much of the loss is the pruning's
+        control = copy.deepcopy(pruned)
+        for name in names:  # masked fine-tuning: its zeros stay zeros
+            weight = control.get_submodule(name).weight
+            prune.custom_from_mask(control.get_submodule(name), "weight", (weight != 0).to(weight.dtype))
+        done = run_dir / "pruned-only.pt"
+        state = load_artefact(done, keys["pruned-only"])
+        if state is not None:
+            control.load_state_dict(state)
+        else:
+            _fine_tune(control, data, train, config.quant_epochs * len(config.fractions), config.seed + 300, device,
+                       run_dir / "pruned-only.state", progress, keys["pruned-only"])
+            save_artefact(control.state_dict(), done, keys["pruned-only"])
+        stages.append({"stage": f"pruned only, +{config.quant_epochs * len(config.fractions)} epochs", "sparsity": final_sparsity,
+                       "val_accuracy": _accuracy(control, data, "val", device)})
+        # Deep Compression's codebooks at fp16 instead of fp32 (a sensitivity row of the size comparison)
+        half = copy.deepcopy(baseline)
+        for name in names:
+            half.get_submodule(name).parametrizations.weight[0].to_fp16_codebook_()
+        stages.append({"stage": f"deep compression {config.baseline_bits}-bit, fp16 codebooks", "sparsity": final_sparsity,
+                       "val_accuracy": _accuracy(half, data, "val", device)})
+        tables.append(compression_table(half, _codebook_codes(half, names), max_gap=config.max_gap)
+                      .assign(method="deep compression fp16 codebooks"))
+        make_permanent_(control)
+        models.update({"pruned only": control, "deep compression fp16 codebooks": half})
     return {"config": dataclasses.asdict(config), "train": dataclasses.asdict(train), "stages": pd.DataFrame(stages),
-            "layers": layers, "sizes": tables, "models": {"float": model, "focused": focused, "deep compression": baseline},
-            "test_accuracy": {"float": _accuracy(model, data, "test", device), "focused": _accuracy(focused, data, "test", device),
-                              "deep compression": _accuracy(baseline, data, "test", device)}}
+            "layers": layers, "sizes": pd.concat(tables, ignore_index=True), "models": models,
+            "test_accuracy": {method: _accuracy(m, data, "test", device) for method, m in models.items()}}
+
+
+def _codebook_codes(model: nn.Module, names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
+    shared = {name: model.get_submodule(name).parametrizations.weight[0] for name in names}
+    return {name: (param.codes.cpu(), param.header_bits) for name, param in shared.items()}
 
 
 RESULT_TABLES = ("stages", "layers", "sizes")

@@ -65,6 +65,12 @@ def focus_quantize_(model: nn.Module, bits: int, separation_threshold: float = D
     return focused_table(model)
 
 
+def _input_bits(module: nn.Module) -> int | None:
+    """The bits of a focused layer's input quantizer (:func:`cpq_lib.sparse.executor.quantize_focused_inputs_`), None for float inputs."""
+    quantizer = module._modules.get("input_quantizer")
+    return int(quantizer.bits) if quantizer is not None and quantizer.enabled else None
+
+
 def focused_table(model: nn.Module) -> pd.DataFrame:
     """Per focused layer, its current layout: mode, separation of the last fit, centres, spreads, exponent range,
     level set and how often it was re-estimated."""
@@ -75,7 +81,8 @@ def focused_table(model: nn.Module) -> pd.DataFrame:
         rows.append({"layer": name, "focused": layout.focused, "separation": None if mixture is None else mixture.separation,
                      "centres": layout.centres, "spreads": layout.spreads, "e_min": layout.e_min, "e_max": layout.e_max,
                      "levels": quantizer.levels, "exponents": layout.exponents, "zero_level": layout.zero_level,
-                     "refits": int(quantizer.refits), "nonzero": int((module.parametrizations.weight.original != 0).sum())})
+                     "refits": int(quantizer.refits), "nonzero": int((module.parametrizations.weight.original != 0).sum()),
+                     "input_bits": _input_bits(module)})
     return pd.DataFrame(rows)
 
 
