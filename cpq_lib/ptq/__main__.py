@@ -22,14 +22,15 @@ import pandas as pd
 from ..artefacts import ArtefactMismatchError
 from ..cli import check_output_file, fail, integer_at_least, parse_overrides
 from ..config import PROFILES, make_config
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, atomic_write_text
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
 from ..runtime import configure_for
 from .reorder import REORDER_METHODS
 from .search import METRICS, ScaleSearchConfig
+from .contrasts import choose_layouts, evaluate_chosen, reordering_contrasts, study_over_seeds
 from .study import (
-    DEFAULT_GRANULARITIES, SPLITS, check_resumable, markdown_report, parse_target, ptqsl_study, read_study_csv, study_key,
+    DEFAULT_GRANULARITIES, LAYOUTS, SPLITS, check_resumable, markdown_report, parse_target, ptqsl_study, read_study_csv, study_key,
 )
 
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="results CSV (resumed if it exists and was made with the same settings)")
     parser.add_argument("--report", metavar="CSV", help="print the Markdown report of a results CSV and exit")
     parser.add_argument("--targets", nargs="+", default=["W4A8", "W4A4", "W3A8", "W3A4"])
-    parser.add_argument("--granularities", nargs="+", default=list(DEFAULT_GRANULARITIES), choices=list(DEFAULT_GRANULARITIES))
+    parser.add_argument("--granularities", nargs="+", default=list(DEFAULT_GRANULARITIES), choices=list(LAYOUTS),
+                        help="layouts; C/2x2 and C/4x4 give every layer channel-wise's number of scales")
     parser.add_argument("--reorders", nargs="+", default=["none", "permute"], choices=["none", *REORDER_METHODS],
                         help="permute: one physical permutation per channel space (deployable); index_sort / index_kmeans: "
                              "per-layer index maps (counted in metadata_bits)")
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positions", type=integer_at_least(1), default=2048)
     parser.add_argument("--calibration-images", type=integer_at_least(1), default=512)
     parser.add_argument("--seed", type=integer_at_least(0), default=0)
+    parser.add_argument("--seeds", type=integer_at_least(0), nargs="+", default=None,
+                        help="calibration seeds: one study per seed (<out stem>-s<seed>.csv), then paired contrasts with "
+                             "95%% intervals (<stem>-contrasts.csv) and the layouts chosen on the first split (<stem>-chosen.csv)")
+    parser.add_argument("--test-chosen", action="store_true",
+                        help="with --seeds: rebuild the chosen layouts and channel-wise and read the test split once (<stem>-test.csv)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=integer_at_least(1), default=None)
     parser.add_argument("--run-dir", default=None, help="where a profile without a shipped model caches its baseline (default runs/<profile>)")
@@ -89,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.report, args.splits)
     if not args.out:
         return fail("--out CSV is required (or --report CSV)")
+    if args.test_chosen and not args.seeds:
+        return fail("--test-chosen needs --seeds (the layouts are chosen over seeds on the first split)")
+    if args.seeds and "test" in args.splits:
+        return fail("with --seeds leave test out of --splits: --test-chosen reads it once, for the chosen layouts only")
     try:  # everything is checked before data or models are loaded
         for target in args.targets:
             parse_target(target)
@@ -107,19 +118,48 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(config)
     run_dir = Path(args.run_dir or Path("runs") / args.profile)
     model, _ = baseline_model(config, data, run_dir, progress=True)
-    calibration = list(data.calibration_loader(args.calibration_images, seed=args.seed))
-    try:  # a CSV made with other settings is refused before its record is touched
-        check_resumable(out, study_key(model, data, calibration, search, weight_grid=args.weight_grid))
+    try:  # a CSV made with other settings is refused before its record is touched (per seed: each seed's own CSV)
+        for seed, path in ([(s, Path(f"{out.with_suffix('')}-s{s}.csv")) for s in args.seeds] if args.seeds else [(args.seed, out)]):
+            seeded = ScaleSearchConfig(**{**search.__dict__, "seed": seed})
+            calibration = list(data.calibration_loader(args.calibration_images, seed=seed))
+            check_resumable(path, study_key(model, data, calibration, seeded, weight_grid=args.weight_grid))
     except ArtefactMismatchError as exc:
         return fail(str(exc))
-    settings = {"targets": args.targets, "granularities": {k: DEFAULT_GRANULARITIES[k] for k in args.granularities},
+    settings = {"targets": args.targets, "granularities": {k: LAYOUTS[k] for k in args.granularities}, "seeds": args.seeds,
                 "reorders": args.reorders, "weight_grid": args.weight_grid, "splits": args.splits, "calibration_images": args.calibration_images,
                 "search": search.__dict__, "runtime": runtime, "command": " ".join(["python -m cpq_lib.ptq", *(argv or sys.argv[1:])])}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json.loads(json.dumps(run_record(config, settings), default=str)), out.with_suffix(".json"))
+    if args.seeds:
+        return _over_seeds(args, model, data, settings, search, device, out)
     results = ptqsl_study(model, data, args.targets, calibration, settings["granularities"], args.reorders, (False, True),
                           search, args.splits, device, out=out, progress=True, weight_grid=args.weight_grid)
     print(markdown_report(results, f"{args.splits[0]}_accuracy"))
+    return 0
+
+
+def _over_seeds(args, model, data, settings: dict, search: ScaleSearchConfig, device: str, out: Path) -> int:
+    """One study per calibration seed, the paired contrasts, the layouts chosen on the first split, test once."""
+    stem = str(out.with_suffix(""))
+
+    def calibration_for(seed: int) -> list:
+        return list(data.calibration_loader(args.calibration_images, seed=seed))
+
+    results = study_over_seeds(model, data, args.targets, calibration_for, args.seeds, stem, search,
+                               granularities=settings["granularities"], reorders=args.reorders, splits=args.splits,
+                               device=device, progress=True, weight_grid=args.weight_grid)
+    selection = f"{args.splits[0]}_accuracy"
+    contrasts, chosen = reordering_contrasts(results, selection), choose_layouts(results, selection)
+    atomic_write_text(results.to_csv(index=False), out)
+    atomic_write_text(contrasts.to_csv(index=False), Path(f"{stem}-contrasts.csv"))
+    atomic_write_text(chosen.to_csv(index=False), Path(f"{stem}-chosen.csv"))
+    print(contrasts.round(2).to_string(index=False))
+    print(chosen.round(2).to_string(index=False))
+    if args.test_chosen:
+        tested = evaluate_chosen(model, data, chosen, calibration_for, args.seeds, search, device, "test",
+                                 weight_grid=args.weight_grid)
+        atomic_write_text(tested.to_csv(index=False), Path(f"{stem}-test.csv"))
+        print(tested.round(2).to_string(index=False))
     return 0
 
 

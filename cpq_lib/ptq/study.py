@@ -43,6 +43,9 @@ DEFAULT_GRANULARITIES: dict[str, tuple[str, tuple[int, int] | None]] = {
     "8x1": ("block", (8, 1)), "4x4": ("block", (4, 4)), "8x2": ("block", (8, 2)), "16x1": ("block", (16, 1)),
     "16x2": ("block", (16, 2)), "channel": ("channel", None), "16x4": ("block", (16, 4)),
 }
+# layouts with channel-wise's number of scales in every layer: C_out / k row groups x k column groups
+EQUAL_SCALE_LAYOUTS: dict[str, tuple[str, tuple[int, int] | None]] = {"C/2x2": ("split", (0, 2)), "C/4x4": ("split", (0, 4))}
+LAYOUTS = {**DEFAULT_GRANULARITIES, **EQUAL_SCALE_LAYOUTS}
 SPLITS = ("train", "val", "test")
 
 
@@ -118,7 +121,7 @@ def check_resumable(out: str | Path, key: ArtefactKey) -> None:
 
 def _variants(granularity: str, reorders: Sequence[str], searches: Sequence[bool]) -> list[tuple[str, bool]]:
     """Reordering only changes block layouts: layer-wise and channel-wise get 'none' alone."""
-    usable = [r for r in reorders if granularity == "block" or r == "none"] or ["none"]
+    usable = [r for r in reorders if granularity in ("block", "split") or r == "none"] or ["none"]
     return [(r, s) for r in dict.fromkeys(usable) for s in searches]
 
 
@@ -161,28 +164,9 @@ def ptqsl_study(model: nn.Module, data, targets: Sequence[str], calibration: Ite
     rows = [row for row in done.values()]
     jobs = [job for job in jobs if _key(*job) not in done]
     for target, label, reorder, searched in progress_bar(jobs, progress, desc="PTQ-SL study"):
-        weight_bits, act_bits = parsed[target]
-        granularity, blocks = granularities[label]
-        config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, granularity=granularity, blocks=blocks,
-                             weight_grid=weight_grid, **({} if exclude is None else {"exclude": tuple(exclude)}))
-        quantized = quantize_(copy.deepcopy(model), config).eval()
-        reference = model  # what the search compares layer outputs with: permuted alike when the network is
-        if reorder == "permute":
-            reference = copy.deepcopy(model)
-            permute_reorder_(quantized, calibration[0][0][:2].to(device), followers=[reference])
-        elif reorder in INDEX_METHODS:
-            reorder_channels_(quantized, reorder, seed=search.seed)
-        calibrate_(quantized, calibration, device)
-        started = time.perf_counter()
-        table = search_scales_(quantized, reference, calibration, search, device, progress=False) if searched else None
-        seconds = time.perf_counter() - started if searched else 0.0
-        row = {"target": target, "weight_bits": weight_bits, "act_bits": act_bits, "granularity": label,
-               "reorder": reorder, "search": bool(searched),
-               "scales": sum(layer.weight_quantizer.scale.numel() for _, layer in quantized_layers(quantized)),
-               **layout_metadata(quantized),
-               "search_seconds": round(seconds, 2),
-               "metric_start": float(table["metric_start"].sum()) if table is not None else float("nan"),
-               "metric_end": float(table["metric_end"].sum()) if table is not None else float("nan")}
+        quantized, row = run_configuration(model, parsed[target], granularities[label], reorder, searched, calibration,
+                                           search, device, exclude, weight_grid)
+        row = {"target": target, "granularity": label, **row}
         for split in splits:
             row[f"{split}_accuracy"] = evaluate(quantized, data.eval_loader(split), data.num_classes, device).accuracy
         rows.append(row)
@@ -204,6 +188,48 @@ def read_study_csv(path: str | Path) -> pd.DataFrame:
     if "reorder" in table.columns:
         table["reorder"] = table["reorder"].replace(LEGACY_REORDER_NAMES)
     return table
+
+
+def _split_layout_(model: nn.Module, columns_per_row: int) -> None:
+    """Every quantized layer regrouped into C_out / k x k contiguous blocks (channel-wise's scale count per layer)."""
+    for _, layer in quantized_layers(model):
+        quantizer = layer.weight_quantizer
+        rows, cols = quantizer.row_groups.numel(), quantizer.col_groups.numel()
+        k = min(columns_per_row, cols, rows)
+        quantizer.set_groups(contiguous_groups(rows, max(1, rows // k)), contiguous_groups(cols, k), weight=layer.weight)
+
+
+def run_configuration(model: nn.Module, bits: tuple[int, int | None], layout: tuple[str, tuple[int, int] | None], reorder: str,
+                      searched: bool, calibration: list, search: ScaleSearchConfig, device: str = "cpu",
+                      exclude: Sequence[str] | None = None, weight_grid: str = "narrow") -> tuple[nn.Module, dict]:
+    """One configuration of the study: a quantized copy of ``model`` and its row (layout, metadata, search cost).
+
+    Deterministic for its inputs, so a configuration chosen on validation can be rebuilt to read the test split once.
+    """
+    weight_bits, act_bits = bits
+    granularity, blocks = layout
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, granularity="channel" if granularity == "split" else granularity,
+                         blocks=None if granularity == "split" else blocks, weight_grid=weight_grid,
+                         **({} if exclude is None else {"exclude": tuple(exclude)}))
+    quantized = quantize_(copy.deepcopy(model), config).eval()
+    if granularity == "split":
+        _split_layout_(quantized, blocks[1])
+    reference = model  # what the search compares layer outputs with: permuted alike when the network is
+    if reorder == "permute":
+        reference = copy.deepcopy(model)
+        permute_reorder_(quantized, calibration[0][0][:2].to(device), followers=[reference])
+    elif reorder in INDEX_METHODS:
+        reorder_channels_(quantized, reorder, seed=search.seed)
+    calibrate_(quantized, calibration, device)
+    started = time.perf_counter()
+    table = search_scales_(quantized, reference, calibration, search, device, progress=False) if searched else None
+    seconds = time.perf_counter() - started if searched else 0.0
+    row = {"weight_bits": weight_bits, "act_bits": act_bits, "reorder": reorder, "search": bool(searched),
+           "scales": sum(layer.weight_quantizer.scale.numel() for _, layer in quantized_layers(quantized)),
+           **layout_metadata(quantized), "search_seconds": round(seconds, 2),
+           "metric_start": float(table["metric_start"].sum()) if table is not None else float("nan"),
+           "metric_end": float(table["metric_end"].sum()) if table is not None else float("nan")}
+    return quantized, row
 
 
 def _key(target: str, granularity: str, reorder: str, searched: bool) -> tuple:
