@@ -137,3 +137,24 @@ def test_command_line_saves_and_loads_results(tmp_path, quick_baseline_dir):
     assert main(["--out", str(out), "--sparsity", "1.5"]) == 2
     with pytest.raises(FileNotFoundError, match="not a saved compression result"):
         load_results(tmp_path)
+
+
+def test_a_longer_final_step_ends_at_its_best_validation_epoch(digits_baseline, digits, tmp_path):
+    from cpq_lib.artefacts import load_artefact
+    from cpq_lib.sparse.pipeline import stage_keys
+
+    model, _ = digits_baseline
+    config = CompressionConfig(sparsity=0.6, prune_steps=1, prune_epochs=0, bits=5, baseline_bits=4, fractions=(0.5, 1.0),
+                               final_epochs=3)
+    assert config.quantization_epochs == 1 + 3
+    result = compress_model(model, digits, config, TRAIN, tmp_path, progress=False)
+    stages = result["stages"].set_index("stage")
+    key = stage_keys(model, digits, config, TRAIN)["focused"].extend("sparse/focused", {"step": 2}).extend(
+        "sparse/best-epoch", {"epochs": 3, "seed": config.seed + 102})
+    best = load_artefact(tmp_path / "focused-2.best", key)
+    assert best is not None and 1 <= best["epoch"] <= 3
+    assert stages.loc["focused 1", "val_accuracy"] == pytest.approx(best["val_accuracy"])  # the model is the best epoch's
+    assert "pruned only, +4 epochs" in stages.index  # the controls get the same budget and the same choice
+    assert (tmp_path / "baseline.best").is_file() and (tmp_path / "pruned-only.best").is_file()
+    with pytest.raises(ValueError, match="final_epochs must be a positive integer or None, got 0"):
+        CompressionConfig(final_epochs=0)

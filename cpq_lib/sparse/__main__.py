@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-bits", type=integer_between(1, 8), default=5)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.875, 1.0])
     parser.add_argument("--quant-epochs", type=integer_at_least(1), default=1)
+    parser.add_argument("--final-epochs", type=integer_at_least(1), default=None,
+                        help="epochs of the last incremental step, ending at its best validation epoch (the baselines get "
+                             "the same total and the same choice)")
     parser.add_argument("--lr", type=positive_float, default=0.01)
     parser.add_argument("--seed", type=integer_at_least(0), default=0)
     parser.add_argument("--device", default="auto")
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                         prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
                                         assignment=args.assignment, hardware=args.hardware, refit=args.refit,
                                         baseline_bits=args.baseline_bits,
-                                        fractions=tuple(args.fractions), quant_epochs=args.quant_epochs, seed=args.seed)
+                                        fractions=tuple(args.fractions), quant_epochs=args.quant_epochs,
+                                        final_epochs=args.final_epochs, seed=args.seed)
         train = dataclasses.replace(config.refine, lr=args.lr, schedule="cosine")
         config.resolved_device()
         out = check_output_folder(args.out)

@@ -5,7 +5,8 @@
    paper's) dynamic network surgery along the same schedule: masks that follow the weights during the
    fine-tuning, cut weights that can grow back (:mod:`.surgery`).
 2. **Focused quantization** of the pruned model: quantized weights held at their levels in steps
-   (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each;
+   (``fractions``: 25 / 50 / 75 / 87.5 / 100 %), ``quant_epochs`` of straight-through fine-tuning each
+   (the last one ``final_epochs`` if set, ending at its epoch of best validation accuracy);
    with ``refit`` the mixture, assignments and exponent ranges are re-estimated from the current
    weights before every step after the first (the paper's periodic re-estimation). ``levels``,
    ``assignment`` and ``hardware`` choose the level set, argmax or sampled components and the
@@ -75,10 +76,16 @@ class CompressionConfig:
     separation: float = DEFAULT_SEPARATION
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875, 1.0)
     quant_epochs: int = 1
+    final_epochs: int | None = None      # the last incremental step's epochs, ending at its best validation epoch (None: quant_epochs)
     baseline_bits: int = 5
     exclude: tuple[str, ...] = ("@first", "@last")
     max_gap: int = 255
     seed: int = 0
+
+    @property
+    def quantization_epochs(self) -> int:
+        """Epochs of the focused model's fine-tuning in all: the budget the baselines get too."""
+        return self.quant_epochs * (len(self.fractions) - 1) + (self.final_epochs or self.quant_epochs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", check_layer_sparsity(self.sparsity))
@@ -96,6 +103,9 @@ class CompressionConfig:
             raise ValueError(f"scope {self.scope!r} is not allowed; choose one of {list(SCOPES)}")
         if isinstance(self.baseline_bits, bool) or not isinstance(self.baseline_bits, int) or not 1 <= self.baseline_bits <= 8:
             raise ValueError(f"baseline_bits must be an integer from 1 to 8 (2 to 256 shared weights), got {self.baseline_bits!r}")
+        if self.final_epochs is not None and (isinstance(self.final_epochs, bool) or not isinstance(self.final_epochs, int)
+                                              or self.final_epochs < 1):
+            raise ValueError(f"final_epochs must be a positive integer or None, got {self.final_epochs!r}")
         for name in ("prune_steps", "prune_epochs", "quant_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "prune_epochs" else 0):
@@ -124,18 +134,39 @@ def stage_keys(model: nn.Module, data, config: CompressionConfig, train: TrainCo
     return {"prune": pruning,
             "focused": pruning.extend("sparse/focused", {"bits": config.bits, "separation": config.separation,
                                                          "fractions": config.fractions, "quant_epochs": config.quant_epochs,
+                                                         "final_epochs": config.final_epochs,
                                                          "levels": config.levels, "assignment": config.assignment,
                                                          "hardware": config.hardware, "refit": config.refit}),
             "baseline": pruning.extend("sparse/deep-compression", {"baseline_bits": config.baseline_bits,
-                                                                   "epochs": config.quant_epochs * len(config.fractions)}),
-            "pruned-only": pruning.extend("sparse/pruned-only", {"epochs": config.quant_epochs * len(config.fractions)})}
+                                                                   "epochs": config.quantization_epochs,
+                                                                   "best_epoch": config.final_epochs is not None}),
+            "pruned-only": pruning.extend("sparse/pruned-only", {"epochs": config.quantization_epochs,
+                                                                 "best_epoch": config.final_epochs is not None})}
 
 
 def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: str, state: Path, progress: bool,
-               key: ArtefactKey) -> None:
-    if epochs:
-        train_model(model, data, dataclasses.replace(train, epochs=epochs), seed=seed, device=device, state_path=state,
-                    progress=progress, state_key={"stage": state.stem, "artefact": key.digest}, restart_stale=True)
+               key: ArtefactKey, keep_best: bool = False) -> None:
+    """Fine-tune, resumable; with ``keep_best`` the model ends at its epoch of best validation accuracy (kept in
+    ``<state>.best``, which survives a kill with the accuracy it was chosen by; a kill between an epoch's
+    checkpoint and that file's update loses that one epoch as a candidate)."""
+    if not epochs:
+        return
+    best_path = state.with_suffix(".best")
+    best_key = key.extend("sparse/best-epoch", {"epochs": epochs, "seed": seed})
+    best = load_artefact(best_path, best_key) if keep_best else None
+
+    def remember(record: dict) -> None:
+        nonlocal best
+        if best is None or record["val_accuracy"] > best["val_accuracy"]:
+            best = {"val_accuracy": record["val_accuracy"], "epoch": record["epoch"],
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            save_artefact(best, best_path, best_key)
+
+    train_model(model, data, dataclasses.replace(train, epochs=epochs), seed=seed, device=device, state_path=state,
+                progress=progress, state_key={"stage": state.stem, "artefact": key.digest}, restart_stale=True,
+                on_epoch=remember if keep_best else None)
+    if keep_best and best is not None:
+        model.load_state_dict(best["state"])
 
 
 def _sparsity_of(model: nn.Module, names: list[str], target: Sparsity, measured: bool = False) -> float:
@@ -199,8 +230,9 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         if state is not None:
             focused.load_state_dict(state)
         else:
-            _fine_tune(focused, data, train, config.quant_epochs, config.seed + 100 + index, device,
-                       run_dir / f"focused-{index}.state", progress, key)
+            last = index == len(config.fractions) and config.final_epochs is not None
+            _fine_tune(focused, data, train, config.final_epochs if last else config.quant_epochs, config.seed + 100 + index,
+                       device, run_dir / f"focused-{index}.state", progress, key, keep_best=last)
             save_artefact(focused.state_dict(), done, key)
         stages.append({"stage": f"focused {fraction:.3g}", "sparsity": final_sparsity,
                        "val_accuracy": _accuracy(focused, data, "val", device)})
@@ -217,8 +249,8 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
     if state is not None:
         baseline.load_state_dict(state)
     else:
-        _fine_tune(baseline, data, train, config.quant_epochs * len(config.fractions), config.seed + 200, device,
-                   run_dir / "baseline.state", progress, keys["baseline"])
+        _fine_tune(baseline, data, train, config.quantization_epochs, config.seed + 200, device,
+                   run_dir / "baseline.state", progress, keys["baseline"], keep_best=config.final_epochs is not None)
         save_artefact(baseline.state_dict(), done, keys["baseline"])
     stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": final_sparsity,
                    "val_accuracy": _accuracy(baseline, data, "val", device)})
@@ -237,10 +269,10 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         if state is not None:
             control.load_state_dict(state)
         else:
-            _fine_tune(control, data, train, config.quant_epochs * len(config.fractions), config.seed + 300, device,
-                       run_dir / "pruned-only.state", progress, keys["pruned-only"])
+            _fine_tune(control, data, train, config.quantization_epochs, config.seed + 300, device,
+                       run_dir / "pruned-only.state", progress, keys["pruned-only"], keep_best=config.final_epochs is not None)
             save_artefact(control.state_dict(), done, keys["pruned-only"])
-        stages.append({"stage": f"pruned only, +{config.quant_epochs * len(config.fractions)} epochs", "sparsity": final_sparsity,
+        stages.append({"stage": f"pruned only, +{config.quantization_epochs} epochs", "sparsity": final_sparsity,
                        "val_accuracy": _accuracy(control, data, "val", device)})
         # Deep Compression's codebooks at fp16 instead of fp32 (a sensitivity row of the size comparison)
         half = copy.deepcopy(baseline)
