@@ -84,3 +84,27 @@ def test_codes_feed_the_compression_table_and_bad_inputs():
     with pytest.raises(ValueError):
         focus_quantize_(untouched, bits=1)
     assert not focused_layers(untouched) and set(untouched.state_dict()) != set(before)  # masks folded, nothing registered
+
+
+def test_eval_levels_are_cached_until_anything_they_depend_on_changes():
+    from cpq_lib.sparse.transform import refit_
+
+    model = _pruned().eval()
+    focus_quantize_(model, bits=5, fraction=0.5)
+    _, module, param = focused_layers(model)[0]
+    with torch.no_grad():
+        first = module.weight
+        assert module.weight is first  # computed once
+        set_fraction_(model, 1.0)
+        held = module.weight
+        assert held is not first and not torch.equal(held, first)
+        module.parametrizations.weight.original.mul_(1.5)
+        grown = module.weight
+        assert not torch.equal(grown, held)
+        refit_(model)
+        assert module.weight is not grown
+        param.weight_quantizer.alpha.fill_(2.0)
+        assert torch.allclose(module.weight, 2.0 * quantize_levels(module.parametrizations.weight.original * param.keep,
+                                                                      param.weight_quantizer.layout, param.weight_quantizer.component)[1].float())
+    model.train()
+    assert module.weight.requires_grad  # training: computed every time, with gradients

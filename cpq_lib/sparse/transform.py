@@ -30,9 +30,22 @@ class FocusedWeight(nn.Module):
         super().__init__()
         self.weight_quantizer = quantizer
         self.register_buffer("keep", keep)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _cache_key(self, weight: torch.Tensor) -> tuple:
+        """What the quantized weight depends on, by tensor identity and version (any in-place change shows)."""
+        q = self.weight_quantizer
+        tensors = (weight, self.keep, q.alpha, q.centres, q.spreads, q.exponent_range, q.component, q.held)
+        return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.weight_quantizer(weight * self.keep)
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return self.weight_quantizer(weight * self.keep)
+        key = self._cache_key(weight)  # eval without gradients: the levels are computed once per weight state
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.weight_quantizer(weight * self.keep))
+        return self._cache[1]
 
 
 def focused_layers(model: nn.Module) -> list[tuple[str, nn.Module, FocusedWeight]]:
