@@ -74,7 +74,7 @@ def test_command_line_over_seeds_reads_the_test_split_for_the_chosen_layouts_onl
     run = tmp_path / "run"
     shutil.copytree(quick_baseline_dir, run / "baseline")
     out = tmp_path / "out" / "ptqsl.csv"
-    argv = ["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4", "--granularities", "layer",
+    argv = ["--profile", "quick", "--out", str(out), "--run-dir", str(run), "--targets", "W4A4", "--granularities",
             "C/2x2", "channel", "--reorders", "none", "permute", "--calibration-images", "32", "--rounds", "1",
             "--positions", "64", "--seeds", "0", "1"]
     assert main([*argv, "--test-chosen"]) == 0
