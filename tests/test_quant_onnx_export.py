@@ -120,7 +120,7 @@ def test_what_onnx_cannot_express_is_refused_and_nothing_is_written(resnet20, tm
     from cpq_lib.ptq import reorder_channels_
 
     blocked = _quantized(resnet20, QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(4, 2)))
-    reorder_channels_(blocked, "sort")  # regrouped columns: no blocked form expresses them
+    reorder_channels_(blocked, "index_sort")  # regrouped columns: no blocked form expresses them
     with pytest.raises(OnnxExportError, match=r"layer '.*': the 4x2 layout's column groups are not 2 equal contiguous runs"):
         export_onnx(blocked, torch.rand(1, 3, 32, 32), path)
     assert list(tmp_path.iterdir()) == []
