@@ -1,4 +1,4 @@
-"""Small builders for test inputs (image-folder trees, zips)."""
+"""Small builders for test inputs (image-folder trees, zips, models with non-trivial statistics)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,26 @@ def zip_folder(folder: Path, archive: Path) -> Path:
         for path in sorted(folder.rglob("*")):
             handle.write(path, path.relative_to(folder).as_posix())
     return archive
+
+
+def randomise_(model, seed: int = 0, biases: bool = False):
+    """Non-trivial BatchNorm statistics and affine parameters, per-channel weight ranges that differ widely (and
+    random biases), so a missed channel permutation shows; returns the model in eval mode."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator))
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(c, generator=generator))
+                module.bias.copy_(torch.randn(c, generator=generator))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                rows = module.weight.shape[0]
+                module.weight.mul_(torch.exp(torch.randn(rows, generator=generator)).view(rows, *[1] * (module.weight.dim() - 1)))
+                if biases and module.bias is not None:
+                    module.bias.copy_(torch.randn(rows, generator=generator))
+    return model.eval()

@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import randomise_
+
 from cpq_lib.models import build_model
 from cpq_lib.ptq.channel_graph import channel_spaces
 from cpq_lib.ptq.reorder import apply_space_permutation_, channel_ranges, permute_reorder_, space_order
@@ -18,22 +20,7 @@ from cpq_lib.quant.transform import quantized_layers
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and per-channel ranges that differ widely, so a missed permutation shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=generator))
-                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(c, generator=generator))
-                module.bias.copy_(torch.randn(c, generator=generator))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                rows = module.weight.shape[0]
-                module.weight.mul_(torch.exp(torch.randn(rows, generator=generator)).view(rows, *[1] * (module.weight.dim() - 1)))
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(rows, generator=generator))
-    return model.eval().double()  # float64: a permutation only reorders sums, so outputs agree far below 1e-5
+    return randomise_(model, seed, biases=True).double()  # float64: a permutation only reorders sums, so outputs agree far below 1e-5
 
 
 def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:

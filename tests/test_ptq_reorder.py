@@ -9,26 +9,15 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import randomise_
+
 from cpq_lib.models import build_model
 from cpq_lib.ptq.reorder import channel_ranges, permute_channels_, reorder_channels_, reorder_groups
 from cpq_lib.quant import QuantConfig, quantize_
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so a missed BN permutation shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=generator))
-                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(c, generator=generator))
-                module.bias.copy_(torch.randn(c, generator=generator))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):  # per-channel ranges that differ widely
-                rows = module.weight.shape[0]
-                module.weight.mul_(torch.exp(torch.randn(rows, generator=generator)).view(rows, *[1] * (module.weight.dim() - 1)))
-    return model.eval()
+    return randomise_(model, seed)
 
 
 def _resnet20():

@@ -168,7 +168,6 @@ def channel_spaces(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     uf = _UnionFind()
     flattened: dict[str, tuple[fx.Node, int]] = {}  # flatten output read only by Linear -> (its input, positions per channel)
     repeats: dict[str, int] = {}
-    sides: dict[tuple[str, str], str] = {}  # (kind, module name) token -> kind
 
     def token_of(node: fx.Node):
         return ("node", node.name)
@@ -176,7 +175,6 @@ def channel_spaces(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     def side(kind: str, name: str, channels: int):
         token = (kind, name)
         uf.add(token, channels)
-        sides[token] = kind
         return token
 
     def fresh(node: fx.Node, reason: str | None = None):
@@ -290,7 +288,7 @@ def channel_spaces(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     for token in list(uf.parent):
         root = uf.find(token)
         space = spaces.setdefault(root, ChannelSpace(channels=uf.size[root], fixed=list(dict.fromkeys(uf.reasons[root]))))
-        kind = sides.get(token)
+        kind = token[0] if token[0] != "node" else None  # ("rows" | "columns" | ..., module name), ("node", fx name)
         if kind is not None:
             getattr(space, kind).append(token[1])
             if kind == "columns" and token[1] in repeats:

@@ -169,6 +169,19 @@ def _fine_tune(model, data, train: TrainConfig, epochs: int, seed: int, device: 
         model.load_state_dict(best["state"])
 
 
+def _trained_stage(model: nn.Module, stem: Path, key: ArtefactKey, data, train: TrainConfig, config: "CompressionConfig",
+                   seed: int, device: str, progress: bool) -> None:
+    """A baseline or control fine-tuned for the focused model's epoch budget: loaded from ``<stem>.pt`` when made
+    under ``key``, else trained (resumable from ``<stem>.state``) and saved."""
+    state = load_artefact(stem.with_suffix(".pt"), key)
+    if state is not None:
+        model.load_state_dict(state)
+        return
+    _fine_tune(model, data, train, config.quantization_epochs, seed, device, stem.with_suffix(".state"), progress, key,
+               keep_best=config.final_epochs is not None)
+    save_artefact(model.state_dict(), stem.with_suffix(".pt"), key)
+
+
 def _sparsity_of(model: nn.Module, names: list[str], target: Sparsity, measured: bool = False) -> float:
     """The stage table's sparsity: the target where it is one number (magnitude pruning meets it exactly),
     else (per-layer targets, surgery) the measured share over the quantized layers."""
@@ -244,14 +257,7 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         codebook = fit_codebook(module.weight, config.baseline_bits, config.seed)
         codes, _ = quantize_with_codebook(module.weight, codebook)
         parametrize.register_parametrization(module, "weight", SharedWeight(codes, codebook))
-    done = run_dir / "baseline.pt"
-    state = load_artefact(done, keys["baseline"])
-    if state is not None:
-        baseline.load_state_dict(state)
-    else:
-        _fine_tune(baseline, data, train, config.quantization_epochs, config.seed + 200, device,
-                   run_dir / "baseline.state", progress, keys["baseline"], keep_best=config.final_epochs is not None)
-        save_artefact(baseline.state_dict(), done, keys["baseline"])
+    _trained_stage(baseline, run_dir / "baseline", keys["baseline"], data, train, config, config.seed + 200, device, progress)
     stages.append({"stage": f"deep compression {config.baseline_bits}-bit", "sparsity": final_sparsity,
                    "val_accuracy": _accuracy(baseline, data, "val", device)})
 
@@ -264,14 +270,8 @@ def compress_model(model: nn.Module, data, config: CompressionConfig, train: Tra
         for name in names:  # masked fine-tuning: its zeros stay zeros
             weight = control.get_submodule(name).weight
             prune.custom_from_mask(control.get_submodule(name), "weight", (weight != 0).to(weight.dtype))
-        done = run_dir / "pruned-only.pt"
-        state = load_artefact(done, keys["pruned-only"])
-        if state is not None:
-            control.load_state_dict(state)
-        else:
-            _fine_tune(control, data, train, config.quantization_epochs, config.seed + 300, device,
-                       run_dir / "pruned-only.state", progress, keys["pruned-only"], keep_best=config.final_epochs is not None)
-            save_artefact(control.state_dict(), done, keys["pruned-only"])
+        _trained_stage(control, run_dir / "pruned-only", keys["pruned-only"], data, train, config, config.seed + 300, device,
+                       progress)
         stages.append({"stage": f"pruned only, +{config.quantization_epochs} epochs", "sparsity": final_sparsity,
                        "val_accuracy": _accuracy(control, data, "val", device)})
         # Deep Compression's codebooks at fp16 instead of fp32 (a sensitivity row of the size comparison)
