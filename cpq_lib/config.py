@@ -61,9 +61,9 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, min=0.0, max=0.99)
     channels_last: bool = True
     # torch.compile of the training step (objective, forward and backward) and of evaluation: "auto" is
-    # on for CUDA (CUDA graphs, mode "reduce-overhead": the ResNet-20 step is bound by kernel launches)
-    # except for quantized students (see cpq_lib.train.trainer.compile_mode), and off on the CPU
-    # (compiling costs more than the small CPU runs gain, and changes their last bits)
+    # on for CUDA (CUDA graphs, mode "reduce-overhead": the ResNet-20 step is bound by kernel launches),
+    # and on the CPU for float32 runs long enough to repay compiling (see
+    # cpq_lib.train.trainer.compile_mode); short CPU runs stay eager (it changes their last bits)
     compile: str = _f("auto", choices=("auto", "on", "off"))
 
 

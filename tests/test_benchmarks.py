@@ -124,3 +124,26 @@ def test_bench_search_bn_records_the_ratio(bench, cifar10_zip):
     record = bench("bench_search_bn", "--data-root", str(cifar10_zip), "--repeats", "1", "--images", "20")
     assert record["images"] == 20 and record["ratio_bn_vs_stale"] > 0
     assert set(record["seconds"]) == {"BN re-estimated (512 images)", "stale BN"}
+
+
+def test_bench_quant_times_the_learnable_scale_student_too(bench):
+    record = bench("bench_quant", "--repeats", "1", "--batch", "2")
+    assert set(record["train_step_seconds"]) == {"fp32", "quantized", "quantized_lsq"} and record["train_step_ratio_lsq"] > 0
+
+
+def test_bench_compile_records_compiled_against_eager(bench):
+    record = bench("bench_compile", "--repeats", "1", "--batch", "2", "--tasks", "fp32")
+    assert set(record["step_seconds"]) == {"fp32_eager", "fp32_compiled"} and record["compiled_vs_eager"]["fp32"] > 0
+    assert record["mode"] == "default" and record["first_step_seconds"]["fp32_compiled"] > 0
+
+
+def test_bench_peers_times_brevitas_or_says_how_to_install_it(bench, capsys, monkeypatch):
+    try:
+        import brevitas  # noqa: F401
+    except ImportError:
+        monkeypatch.syspath_prepend(str(BENCHMARKS))
+        assert importlib.import_module("bench_peers").main(["--repeats", "1", "--batch", "2"]) == 2
+        assert "pip install -r benchmarks/requirements-peers.txt" in capsys.readouterr().out
+        return
+    record = bench("bench_peers", "--repeats", "1", "--batch", "2")
+    assert set(record["train_step_ratio"]) == set(record["eval_ratio"]) == {"cpq", "cpq_lsq", "brevitas"}

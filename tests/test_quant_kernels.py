@@ -100,3 +100,68 @@ def test_first_compile_logs_no_cuda_home_warning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
     assert "CUDA_HOME" not in result.stderr, result.stderr[-2000:]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns (so -0.0 and +0.0 differ), in a layout-independent order."""
+    return t.detach().contiguous().view(torch.int32)
+
+
+def _input(shape, channels_last: bool) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator) * 3
+    x.view(-1)[:7] = 0.0  # exact zeros, as after ReLU
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("channels_last,zero_point,qmin,qmax", [(True, 0, 0, 15), (False, 0, -7, 7), (True, 5, 0, 255)])
+def test_training_kernel_matches_torch_values_and_gradient(fresh_kernels, channels_last, zero_point, qmin, qmax):
+    x0 = _input((6, 16, 10, 10), channels_last)
+    upstream = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    scale, zp = torch.tensor(0.0731), torch.tensor(zero_point, dtype=torch.int32)
+    results = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_()
+        reference = lambda: fake_quantize_per_tensor(x, scale, zp, qmin, qmax)  # noqa: E731
+        out = (kernels.fake_quantize_training(x, kernels.inference_arguments(scale, zp, qmin, qmax),
+                                              lambda: pytest.fail("fell back")) if fused else reference())
+        out.backward(upstream)
+        results.append((out, x.grad))
+    (expected, expected_grad), (out, grad) = results
+    assert torch.equal(_bits(out), _bits(expected)) and torch.equal(_bits(grad), _bits(expected_grad))
+    assert out.stride() == x0.stride() and grad.stride() == x0.stride()
+    assert 0 < int((grad == 0).sum()) < grad.numel()  # the range clips some inputs: the mask is exercised
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-8, 7), (-1, 1), (0, 15)])
+def test_learned_step_kernel_matches_the_generic_function(fresh_kernels, qmin, qmax):
+    from cpq_lib.quant.primitives import fake_quantize, lsq_grad_factor
+
+    x0 = _input((6, 16, 10, 10), True)
+    upstream = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    factor = lsq_grad_factor(16 * 10 * 10, qmax)
+    results = []
+    for fused in (False, True):
+        x, scale = x0.clone().requires_grad_(), torch.tensor(0.37, requires_grad=True)
+        generic = lambda: fake_quantize(x, scale, None, qmin, qmax, None, factor)  # noqa: E731
+        out = kernels.learned_step_training(x, scale, qmin, qmax, factor, generic) if fused else generic()
+        out.backward(upstream)
+        results.append((out, x.grad, scale.grad))
+    (expected, expected_x, expected_s), (out, grad_x, grad_s) = results
+    assert torch.equal(out, expected) and torch.equal(_bits(grad_x), _bits(expected_x))
+    assert torch.equal(_bits(grad_s), _bits(expected_s)) and float(grad_s) != 0.0
+    if qmin < 0:  # signed grids: no clamp at zero, so even the zeros' signs agree
+        assert torch.equal(_bits(out), _bits(expected))
+    assert kernels.LSQ_GRADIENTS.calls["compiled"] >= 1
+
+
+def test_training_kernels_fall_back_where_they_do_not_apply(fresh_kernels, monkeypatch):
+    scale, zp = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    arguments = kernels.inference_arguments(scale, zp, 0, 15)
+    double = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    assert kernels.fake_quantize_training(double, arguments, lambda: "torch kernel") == "torch kernel"
+    assert kernels.learned_step_training(double, torch.tensor(0.1), 0, 15, 1.0, lambda: "generic") == "generic"
+    assert kernels.learned_step_training(torch.rand(4, 3), torch.ones(3, 1), 0, 15, 1.0, lambda: "generic") == "generic"
+    monkeypatch.setenv("CPQ_COMPILE", "0")
+    assert kernels.fake_quantize_training(torch.rand(4, 3), arguments, lambda: "torch kernel") == "torch kernel"

@@ -154,3 +154,88 @@ def test_full_weight_grid_has_four_levels_at_two_bits_and_the_narrow_three():
     assert set(one.codes(weight).unique().tolist()) == {-1.0, 1.0}  # 1 bit stays the sign on either grid
     with pytest.raises(ValueError, match="unknown weight grid 'wide'"):
         WeightQuantizer(weight.shape, 2, grid="wide")
+
+
+def _quantized_cnn(learnable: bool):
+    from cpq_lib.models import build_model
+    from cpq_lib.quant import QuantConfig, calibrate_, quantize_
+
+    torch.manual_seed(0)
+    model = quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(3, 4, learnable_scales=learnable))
+    images = torch.rand(16, 1, 8, 8)
+    calibrate_(model, [(images, None)])
+    return model.train(), images
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_forward_and_backward_read_no_tensor_back_to_the_host(monkeypatch, learnable):
+    """What the quantizers need per call lives in Python attributes: no ``bool()``/``int()``/``float()``/
+    ``item()`` of a tensor (each one a device sync on CUDA, a graph break under torch.compile)."""
+    model, images = _quantized_cnn(learnable)
+    reads = []
+
+    def recorder(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, recorder(name))
+    model(images).sum().backward()
+    monkeypatch.undo()
+    assert reads == []
+    # the probe itself works: the old way of reading the state is seen
+    monkeypatch.setattr(torch.Tensor, "__bool__", recorder("__bool__"))
+    layer = next(m for m in model.modules() if hasattr(m, "weight_quantizer"))
+    bool(layer.weight_quantizer.initialized)
+    assert reads == ["__bool__"]
+
+
+def test_state_mirrors_follow_every_way_the_state_changes():
+    weight = _weight()
+    quantizer = WeightQuantizer(weight.shape, 4)
+    quantizer(weight)
+    quantizer.bits[:4] = 2  # written behind the quantizer's back
+    codes = quantizer.codes(weight)
+    assert codes[:4].abs().max() <= 1 and codes[4:].abs().max() == 7
+    assert float(quantizer._grid[1][0]) == 1.0
+    twin = WeightQuantizer(weight.shape, 8)
+    twin.load_state_dict(quantizer.state_dict())
+    assert twin._initialized and torch.equal(twin._grid[1].flatten(), quantizer._grid[1].flatten())
+    assert torch.equal(twin(weight), quantizer(weight))
+    doubled = twin.double()
+    assert doubled._grid[0].device == doubled.bits.device and torch.allclose(doubled(weight.double()), quantizer(weight).double())
+
+    act = ActivationQuantizer(4)
+    act(torch.rand(64))  # calibrates on first use
+    assert act._initialized and act._bits == 4 and act._signed == 0
+    act.bits.fill_(-1)
+    x = torch.rand(64)
+    assert act(x) is x and not act.enabled
+    act.set_bits(3)
+    restored = ActivationQuantizer(8)
+    restored.load_state_dict(act.state_dict())
+    assert (restored._bits, restored._signed, restored._initialized) == (3, 0, True)
+    assert torch.equal(restored(x), act(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the sync check is CUDA's)")
+def test_quantized_resnet20_step_never_syncs_cuda():
+    from cpq_lib.models import build_model
+    from cpq_lib.quant import QuantConfig, calibrate_, quantize_
+
+    torch.manual_seed(0)
+    model = quantize_(build_model("resnet20", 10), QuantConfig(4, 4, learnable_scales=True)).cuda()
+    images = torch.rand(32, 3, 32, 32, device="cuda")
+    calibrate_(model, [(images, None)], "cuda")
+    model.train()
+    model(images).sum().backward()  # first call: compiles the fused kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(images).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,3 +1,5 @@
+import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -14,6 +16,7 @@ from cpq_lib.data.sources import ImageTensors
 from cpq_lib.data import TensorBatchLoader
 from cpq_lib.errors import CheckpointError
 from cpq_lib.models import build_model, read_checkpoint
+from cpq_lib.quant import QuantConfig, calibrate_, quantize_
 from cpq_lib.train import evaluate, learning_rate, train_model
 
 
@@ -230,3 +233,63 @@ def test_compiled_training_resumes_exactly_and_stays_close_to_eager(digits, tmp_
                                seed=0, progress=False)
     assert abs(eager_result.history[-1]["val_accuracy"] - full_result.history[-1]["val_accuracy"]) < 0.03
     assert abs(eager_result.history[0]["train_loss"] - full_result.history[0]["train_loss"]) < 1e-3
+
+
+def test_auto_compile_decision():
+    from cpq_lib.train.trainer import CPU_COMPILE_MIN_STEPS, compile_mode
+
+    cfg = make_config("quick").train
+    assert cfg.compile == "auto"
+    torch.manual_seed(0)
+    float32 = build_model("digits_cnn", 10, in_channels=1)
+    float64 = build_model("digits_cnn", 10, in_channels=1).double()
+    long, short = CPU_COMPILE_MIN_STEPS, CPU_COMPILE_MIN_STEPS - 1
+    assert compile_mode(cfg, "cpu", float32, long) == "default"
+    assert compile_mode(cfg, "cpu", float32, short) is None
+    assert compile_mode(cfg, "cpu", float64, long) is None  # the quick profile's float64 runs stay eager
+    assert compile_mode(cfg, "cuda", float64, 1) == "reduce-overhead"
+    quantized = quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(4, 4))
+    assert compile_mode(cfg, "cuda", quantized, 1) == "reduce-overhead"  # quantized students compile too
+    on, off = (dataclasses.replace(cfg, compile=value) for value in ("on", "off"))
+    assert compile_mode(on, "cpu", float64, 1) == "default" and compile_mode(off, "cuda", float32, long) is None
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_qat_kd_step_traces_as_one_graph(learnable):
+    """The refinement step (teacher, quantized student, distillation loss) has no graph break: the
+    quantizers read no state back from tensors, so torch.compile sees the whole step."""
+    from cpq_lib.train import Distillation
+    from cpq_lib.train.trainer import compiled_step
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", 10).eval()
+    student = quantize_(copy.deepcopy(teacher), QuantConfig(weight_bits=3, act_bits=4, learnable_scales=learnable))
+    images, labels = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    calibrate_(student, [(images, labels)])
+    step = compiled_step(Distillation(teacher), student.train(), None)
+    explanation = torch._dynamo.explain(step)(images, labels)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1 and explanation.op_count > 100
+    assert len(list(explanation.graphs[0].graph.nodes)) > 100  # the quantized layers are in the graph
+
+
+def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    from cpq_lib.train.trainer import compiled_step
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 10, in_channels=1)
+    images, labels = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    objective = lambda m, x, y: (torch.nn.functional.cross_entropy(m(x), y), m(x))  # noqa: E731
+    step = compiled_step(objective, model, "default", fallback=True)
+    with pytest.warns(UserWarning, match="compiling the training step failed.*no working C"):
+        loss, _ = step(images, labels)
+    assert torch.equal(loss, objective(model, images, labels)[0])
+    strict = compiled_step(objective, model, "default")
+    with pytest.raises(RuntimeError, match="no working C"):
+        strict(images, labels)

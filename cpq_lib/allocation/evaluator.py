@@ -94,6 +94,7 @@ class SearchEvaluator:
             q.bits.copy_(new.to(q.bits.device))
             q.scale.copy_(scale)
             q.initialized.fill_(True)
+            q.refresh_state()
             self._current[name] = new.clone()
 
     def measure(self) -> EvalResult:

@@ -184,6 +184,7 @@ def _permute_rows(layer: nn.Module, perm: torch.Tensor) -> None:
     if quantizer is None:
         return
     quantizer.bits.copy_(quantizer.bits[p])
+    quantizer.refresh_state()
     n_v = quantizer.blocks[0]
     if n_v == quantizer.weight_shape[0] and _is_identity(quantizer.row_groups):  # one scale per row: move the scales
         quantizer.scale.copy_(quantizer.scale[p])

@@ -275,6 +275,7 @@ def import_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             q.zero_point.copy_(values["zero_point"])
         layer.weight.copy_(values["weight"])
         q.initialized.fill_(True)
+        q.refresh_state()
         if "bias" in values:
             layer.bias.copy_(values["bias"])
         if "act" in values:
@@ -286,6 +287,7 @@ def import_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if zero_point is not None:
                 a.zero_point.fill_(zero_point)
             a.initialized.fill_(True)
+            a.refresh_state()
     state = model.state_dict()
     for key, value in rest.items():
         state[key].copy_(value.view(state[key].shape).to(state[key].dtype))

@@ -1,10 +1,12 @@
 """Fused one-pass kernels for hot, memory-bound element-wise work, compiled on first use.
 
 Two places spend most of their time in element-wise passes over activation-sized tensors:
-- inference-time activation fake-quantization: torch's fused ``fake_quantize_per_tensor_affine``
-  also builds a gradient mask and on CPU costs about five batch-norm passes per call (measured:
-  9.4 ms vs 1.75 ms on 256x16x32x32); the compiled ``(clamp(round(x / s) + z, lo, hi) - z) * s`` is
-  one loop (2.0 ms), with the same arithmetic, so results are bit-identical;
+- activation fake-quantization: torch's fused ``fake_quantize_per_tensor_affine`` also builds a
+  gradient mask and on CPU costs about five batch-norm passes per call (measured: 9.4 ms vs 1.75 ms
+  on 256x16x32x32); the compiled ``(clamp(round(x / s) + z, lo, hi) - z) * s`` is one loop (2.0 ms),
+  with the same arithmetic, so results are bit-identical. Training needs the straight-through mask
+  too: the backward is one compiled loop that recomputes the mask from the input (torch's cachemask
+  kernel and its backward were 30% of a quantized ResNet-20 train step on the CPU);
 - class scoring's ``max over positions of |a * g|``: eager ``mul`` + ``vector_norm`` over the strided
   spatial axes of channels_last tensors costs 8.9 ms on 250x16x32x32; fused, 0.8 ms; and its
   per-position indicator ``[|a * g| > eps]`` (four eager passes, one fused).
@@ -24,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..runtime import isolate_inductor_cache
+from .primitives import safe_scale
 
 _disabled = False
 
@@ -60,6 +63,8 @@ class FusedKernel:
         self.calls = {"compiled": 0, "eager": 0}  # which path ran (tests and benchmarks check it)
 
     def __call__(self, *args: torch.Tensor, fallback: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inside a graph being compiled: inductor fuses the plain function
+            return self.fn(*args)
         if compiled_kernels_enabled():
             if self.compiled is None:
                 _import_cpp_extension_quietly()
@@ -79,6 +84,25 @@ def _fake_quantize(x, inv_scale, scale, zero_point, qmin, qmax):
     return (torch.clamp(torch.round(x * inv_scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
+def _straight_through_gradient(grad, x, inv_scale, zero_point, qmin, qmax):
+    codes = torch.round(x * inv_scale) + zero_point
+    return grad * ((codes >= qmin) & (codes <= qmax)).to(grad.dtype)
+
+
+def _fake_quantize_symmetric(x, inv_scale, scale, qmin, qmax):
+    return torch.clamp(torch.round(x * inv_scale), qmin, qmax) * scale
+
+
+def _lsq_gradients(grad, x, scale, qmin, qmax):
+    """LSQ's backward for a symmetric per-tensor quantizer, element-wise: the input's gradient and each
+    element's share of the step size's (summed by the caller, in torch's order)."""
+    scaled = x / scale
+    rounded = torch.round(scaled) + 0.0  # as the generic backward: -0.0 codes become +0.0
+    inside = (rounded >= qmin) & (rounded <= qmax)
+    codes = torch.clamp(rounded, qmin, qmax)
+    return grad * inside.to(grad.dtype), grad * torch.where(inside, codes - scaled, codes)
+
+
 def _taylor_max(a, g):
     return torch.amax(torch.abs(a * g), dim=tuple(range(2, a.dim())))
 
@@ -92,6 +116,9 @@ def _taylor_active(a, g, eps):
 
 
 FAKE_QUANTIZE = FusedKernel(_fake_quantize)
+STRAIGHT_THROUGH_GRADIENT = FusedKernel(_straight_through_gradient)
+FAKE_QUANTIZE_SYMMETRIC = FusedKernel(_fake_quantize_symmetric)
+LSQ_GRADIENTS = FusedKernel(_lsq_gradients)
 TAYLOR_MAX = FusedKernel(_taylor_max)
 MEAN_ABS = FusedKernel(_mean_abs)
 TAYLOR_ACTIVE = FusedKernel(_taylor_active)
@@ -110,6 +137,67 @@ def fake_quantize_inference(x: torch.Tensor, arguments: tuple[torch.Tensor, ...]
     if x.dtype != torch.float32:
         return fallback()
     return FAKE_QUANTIZE(x, *arguments, fallback=fallback)
+
+
+class _FakeQuantizeTraining(torch.autograd.Function):
+    """Fixed-scale per-tensor fake quantization with the straight-through estimator, on fused kernels:
+    the same values and gradient as ``fake_quantize_per_tensor_affine`` (x's gradient passes where the
+    rounded code lies in [qmin, qmax]). The backward recomputes the mask from ``x`` instead of storing
+    it: storing a bool mask is a scalar loop in inductor's CPU code (12 ms vs 1.2 ms for the whole
+    forward on 256x16x32x32), and ``x`` is what the float layer would have saved anyway."""
+
+    @staticmethod
+    def forward(ctx, x, inv_scale, scale, zero_point, qmin, qmax):
+        ctx.save_for_backward(x, inv_scale, zero_point, qmin, qmax)
+        return FAKE_QUANTIZE(x, inv_scale, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, inv_scale, zero_point, qmin, qmax = ctx.saved_tensors
+        return STRAIGHT_THROUGH_GRADIENT(grad, x, inv_scale, zero_point, qmin, qmax), None, None, None, None, None
+
+
+def fake_quantize_training(x: torch.Tensor, arguments: tuple[torch.Tensor, ...],
+                           fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Fixed-scale fake quantization of ``x`` that ``x``'s gradient flows through (straight-through).
+
+    ``fallback()`` (torch's fused kernel) runs for other dtypes, when compiled kernels are off, and
+    inside a ``torch.compile`` graph (where inductor fuses torch's operator itself).
+    """
+    if x.dtype != torch.float32 or not compiled_kernels_enabled() or torch.compiler.is_compiling():
+        return fallback()
+    return _FakeQuantizeTraining.apply(x, *arguments)
+
+
+class _LearnedStepSymmetric(torch.autograd.Function):
+    """Symmetric per-tensor fake quantization with a learnable step size (LSQ), on fused kernels: the
+    same values and gradients as :func:`cpq_lib.quant.primitives.fake_quantize` with a 0-d scale and no
+    zero point (the same element-wise arithmetic; the step size's gradient summed by torch as there).
+    The generic version's eager chain makes about twelve passes over the activation per call."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, grad_factor):
+        safe = safe_scale(scale)
+        ctx.save_for_backward(x, safe, qmin, qmax)
+        ctx.grad_factor = grad_factor
+        return FAKE_QUANTIZE_SYMMETRIC(x, 1.0 / safe, safe, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, qmin, qmax = ctx.saved_tensors
+        grad_x, shares = LSQ_GRADIENTS(grad, x, scale, qmin, qmax)
+        grad_scale = shares.sum_to_size(scale.shape) * ctx.grad_factor if ctx.needs_input_grad[1] else None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_scale, None, None, None
+
+
+def learned_step_training(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, grad_factor: float,
+                          fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` with a learnable 0-d ``scale`` (its absolute value, at least
+    MIN_SCALE, is the step); ``fallback()`` (the generic autograd function) where the fused path does not apply."""
+    if (x.dtype != torch.float32 or scale.dtype != torch.float32 or scale.dim() != 0 or not compiled_kernels_enabled()
+            or torch.compiler.is_compiling()):
+        return fallback()
+    return _LearnedStepSymmetric.apply(x, scale, torch.tensor(float(qmin)), torch.tensor(float(qmax)), grad_factor)
 
 
 def taylor_max(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,8 @@ class QuantizedLayer:
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight; cached when no gradient is needed."""
+        if torch.compiler.is_compiling():  # a compiled graph recomputes it: a few small fused operations
+            return self.weight_quantizer(self.weight)
         if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
             self._cache = None
             return self.weight_quantizer(self.weight)

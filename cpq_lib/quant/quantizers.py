@@ -5,6 +5,13 @@ channel, anything else per block of output x input channels (PTQ-SL's sub-layerw
 Which block a row or column belongs to is an index vector (``row_groups``, ``col_groups``), so PTQ-SL's
 channel reordering is a different grouping, not a permutation of the weights: the network computes the
 same function with no permutation to undo.
+
+What a forward needs to know about its state (bit-widths' grid, whether it is initialised, the sign)
+lives in Python attributes mirrored from the buffers, so a forward reads nothing back from the device:
+on CUDA each such read was a host sync per layer per step, and under ``torch.compile`` a graph break.
+The buffers stay the saved state. The mirror is refreshed by every method that changes the state, by
+``load_state_dict`` and ``.to()``, by :meth:`refresh_state` (for code that writes buffers directly),
+and in eager mode also whenever a buffer's version counter says it was written since.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .kernels import fake_quantize_inference, inference_arguments
+from .kernels import fake_quantize_inference, fake_quantize_training, inference_arguments, learned_step_training
 from .primitives import (
     MAX_BITS, as_real, safe_scale, integer_range_int, asymmetric_params, binary_mask, fake_quantize, fake_quantize_per_tensor, integer_range, lsq_grad_factor,
     max_scale, quantize_to_codes,
@@ -43,6 +50,43 @@ def check_bits(bits: torch.Tensor | int, where: str = "bits") -> torch.Tensor:
     return tensor.long()
 
 
+def _state_token(*tensors: torch.Tensor) -> tuple:
+    """Which tensors and how often written (host-side metadata only: reading it never syncs a device)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class _MirroredState:
+    """Mixin for a quantizer whose forward reads Python mirrors of its state buffers (see module doc)."""
+
+    _token: tuple = ()
+
+    def _state_buffers(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _read_state(self) -> None:
+        raise NotImplementedError
+
+    def refresh_state(self) -> None:
+        """Re-read the state buffers into the forward's mirrors (after writing ``bits`` etc. directly)."""
+        self._read_state()
+        self._token = _state_token(*self._state_buffers())
+
+    def _current(self) -> None:
+        """Eager mode: refresh the mirrors if a buffer was written behind the quantizer's back. In a
+        compiled graph the mirrors are trusted (they are guards: a refresh makes dynamo recompile)."""
+        if not torch.compiler.is_compiling() and self._token != _state_token(*self._state_buffers()):
+            self.refresh_state()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_state()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh_state()
+        return out
+
+
 def contiguous_groups(length: int, groups: int) -> torch.Tensor:
     """Assign ``length`` rows to ``groups`` contiguous, nearly equal groups.
 
@@ -66,7 +110,7 @@ def block_reduce(values: torch.Tensor, row_groups: torch.Tensor, col_groups: tor
     return out.scatter_reduce_(0, index, values.flatten(), reduce=reduce, include_self=False).view(shape)
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(_MirroredState, nn.Module):
     """Fake-quantizes a weight (out, ...) with per-output-channel bit-widths and per-tensor/channel/block scales."""
 
     def __init__(self, weight_shape: Sequence[int], bits: int | torch.Tensor = 8, granularity: str = "channel",
@@ -106,6 +150,17 @@ class WeightQuantizer(nn.Module):
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", None if symmetric else torch.zeros(n_v, n_h))
         self.register_buffer("initialized", torch.tensor(False))
+        self.refresh_state()
+
+    def _state_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.bits, self.initialized
+
+    def _read_state(self) -> None:
+        qmin, qmax = integer_range(self.bits, self.symmetric, self.narrow)
+        binary = binary_mask(self.bits, self.symmetric)
+        self._grid = (self._rows(qmin), self._rows(qmax), None if binary is None else self._rows(binary))
+        self._qmax_max = float(qmax.max())
+        self._initialized = bool(self.initialized)
 
     # --- shape helpers -------------------------------------------------------------------------------
     @property
@@ -132,11 +187,9 @@ class WeightQuantizer(nn.Module):
         return row_values.view(self.weight_shape[0], *(1,) * (len(self.weight_shape) - 1))
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(qmin, qmax, binary mask) broadcastable against the weight."""
-        qmin, qmax = integer_range(self.bits, self.symmetric, self.narrow)
-        binary = binary_mask(self.bits, self.symmetric)
-        return (self._rows(qmin.to(self.scale.device)), self._rows(qmax.to(self.scale.device)),
-                None if binary is None else self._rows(binary))
+        """(qmin, qmax, binary mask) broadcastable against the weight, on the bits' device."""
+        self._current()
+        return self._grid
 
     # --- bits and scales -----------------------------------------------------------------------------
     def set_bits(self, bits: int | torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -145,6 +198,7 @@ class WeightQuantizer(nn.Module):
         if new.shape != self.bits.shape:
             raise ValueError(f"expected {self.bits.numel()} per-channel bit-widths, got {new.numel()}")
         self.bits.copy_(new)
+        self.refresh_state()
         if weight is not None:
             self.initialize(weight)
 
@@ -192,6 +246,7 @@ class WeightQuantizer(nn.Module):
         if zero_point is not None:
             self.zero_point.copy_(zero_point)
         self.initialized.fill_(True)
+        self.refresh_state()
 
     def _zero_point_for(self, weight, scale, block_bits):
         w2d = as_real(weight.detach().reshape(self.weight_shape[0], -1))
@@ -216,11 +271,12 @@ class WeightQuantizer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        self._current()
+        if not self._initialized:
             self.initialize(weight)
-        qmin, qmax, binary = self.grid()
+        qmin, qmax, binary = self._grid
         zero_point = None if self.zero_point is None else self._expand(self.zero_point)
-        factor = lsq_grad_factor(weight[0].numel(), float(qmax.max())) if self.learnable else 1.0
+        factor = lsq_grad_factor(weight[0].numel(), self._qmax_max) if self.learnable else 1.0
         return fake_quantize(weight, self._expand(self.scale), zero_point, qmin, qmax, binary, factor)
 
     @torch.no_grad()
@@ -240,7 +296,7 @@ class WeightQuantizer(nn.Module):
                 f"symmetric={self.symmetric}, grid={self.grid_name}, learnable={self.learnable}")
 
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(_MirroredState, nn.Module):
     """Per-tensor activation quantizer with a calibrated (max / MSE) or learnable (LSQ) clip.
 
     ``signed=None`` decides at calibration: unsigned if every observed input is >= 0 (after ReLU),
@@ -269,14 +325,23 @@ class ActivationQuantizer(nn.Module):
         self.observing = False
         self._arguments: tuple | None = None
         self._reset_observations()
+        self.refresh_state()
+
+    def _state_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.bits, self.signed, self.initialized
+
+    def _read_state(self) -> None:
+        self._bits, self._signed, self._initialized = int(self.bits), int(self.signed), bool(self.initialized)
 
     @property
     def enabled(self) -> bool:
-        return int(self.bits) >= 0
+        self._current()
+        return self._bits >= 0
 
     @property
     def is_signed(self) -> bool:
-        return int(self.signed) == 1
+        self._current()
+        return self._signed == 1
 
     @torch.no_grad()
     def set_bits(self, bits: int | None) -> None:
@@ -285,15 +350,16 @@ class ActivationQuantizer(nn.Module):
         old = int(self.bits)
         if bool(self.initialized) and old >= 1 and new >= 1:
             old_scale = float(self.scale)
-            _, old_qmax = self._grid()
+            _, old_qmax = self._grid(old)
+            _, new_qmax = self._grid(new)
             self.bits.fill_(new)
-            _, new_qmax = self._grid()
             self.scale.mul_(old_qmax / max(new_qmax, 1))
             if not self.symmetric:
                 ratio = old_scale / max(float(self.scale), 1e-12)
                 self.zero_point.fill_(min(new_qmax, max(0, round(int(self.zero_point) * ratio))))
         else:
             self.bits.fill_(new)
+        self.refresh_state()
 
     def _reset_observations(self) -> None:
         self._min, self._max = math.inf, -math.inf
@@ -323,16 +389,21 @@ class ActivationQuantizer(nn.Module):
             raise RuntimeError("activation quantizer saw no data during calibration")
         if self.auto_sign:
             self.signed.fill_(1 if self._min < 0 else 0)
+            self.refresh_state()
         self._finalize()
 
     def _grid(self, bits: int | None = None) -> tuple[int, int]:
-        return integer_range_int(int(self.bits) if bits is None else bits, self.is_signed and self.symmetric)
+        if bits is None:
+            self._current()
+            bits = self._bits
+        return integer_range_int(bits, self.is_signed and self.symmetric)
 
     @torch.no_grad()
     def _finalize(self) -> None:
         bits = int(self.bits)
         if bits < 0:
             self.initialized.fill_(True)
+            self.refresh_state()
             return
         low, high = min(self._min, 0.0), max(self._max, 0.0)
         if self.symmetric:
@@ -346,6 +417,7 @@ class ActivationQuantizer(nn.Module):
         self.scale.fill_(float(scale))
         self.zero_point.fill_(int(zero_point))
         self.initialized.fill_(True)
+        self.refresh_state()
 
     def _mse_search(self, sample: torch.Tensor, scale0: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         alpha, beta, steps = MSE_GRID
@@ -359,14 +431,15 @@ class ActivationQuantizer(nn.Module):
         if self.observing:
             self.observe(x)
             return x
-        bits = int(self.bits)
+        self._current()
+        bits = self._bits
         if bits < 0:
             return x
-        if not bool(self.initialized):  # lazily calibrate on the first batch seen
+        if not self._initialized:  # lazily calibrate on the first batch seen
             self.start_observing()
             self.observe(x)
             self.finish_observing()
-        signed = self.is_signed
+        signed = self._signed == 1
         qmin, qmax = self._grid(bits)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.learnable and self.scale.requires_grad))
         if bits == 1 and signed and self.symmetric:  # sign grid
@@ -379,8 +452,10 @@ class ActivationQuantizer(nn.Module):
             return fake_quantize_inference(x, self._inference_arguments(qmin, qmax), fused)
         if self.learnable:
             zp = None if self.symmetric else self.zero_point.to(x.dtype)
-            return fake_quantize(x, self.scale, zp, qmin, qmax, None, lsq_grad_factor(x[0].numel(), qmax))
-        return fused()
+            factor = lsq_grad_factor(x[0].numel(), qmax)
+            generic = lambda: fake_quantize(x, self.scale, zp, qmin, qmax, None, factor)  # noqa: E731
+            return generic() if zp is not None else learned_step_training(x, self.scale, qmin, qmax, factor, generic)
+        return fake_quantize_training(x, self._inference_arguments(qmin, qmax), fused)
 
     def _inference_arguments(self, qmin: int, qmax: int) -> tuple[torch.Tensor, ...]:
         """Kernel scalars, rebuilt only when scale, zero point or range change (saves ~5 ops per call)."""

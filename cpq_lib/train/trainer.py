@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,25 +86,41 @@ def has_fake_quantizers(model: nn.Module) -> bool:
     return any(hasattr(module, "weight_quantizer") or hasattr(module, "input_quantizer") for module in model.modules())
 
 
-def compile_mode(cfg: TrainConfig, device: str | torch.device, model: nn.Module | None = None) -> str | None:
+CPU_COMPILE_MIN_STEPS = 1000
+"""``compile="auto"`` compiles a float32 CPU run of at least this many steps. Measured side by side
+(``benchmarks/bench_compile.py``, 2 cores, batch 256, empty compile cache): the compiled QAT+KD step
+takes 0.78x the eager one (fp32: 0.93x) after a first call of 33 s (fp32: 25 s), so compiling pays
+after about 300 QAT+KD steps; the margin covers the validation graph's compile and machines that
+gain less."""
+
+
+def compile_mode(cfg: TrainConfig, device: str | torch.device, model: nn.Module | None = None,
+                 steps: int | None = None) -> str | None:
     """The torch.compile mode the config asks for on ``device`` (None: eager).
 
-    "auto" leaves quantized students eager: their quantizers read small state buffers on the host
-    (bits, initialised, sign), which breaks the graph at every layer; on the CPU the compiled QAT+KD
-    step measured 1.66x slower than eager (benchmarks/bench_gpu.py --device cpu). "on" compiles anyway.
+    "auto": on CUDA always (CUDA graphs; quantized students too, since their quantizers read no device
+    state and the QAT+KD step traces as one graph, tested); on the CPU for float32 runs of at least
+    :data:`CPU_COMPILE_MIN_STEPS` ``steps`` (short runs, such as the `quick` profile's float64 ones,
+    stay eager: compiling would cost more than they run, and changes their last bits). "on" compiles
+    anyway, "off" never.
     """
     on_cuda = torch.device(device).type == "cuda"
-    if cfg.compile == "off" or (cfg.compile == "auto" and not on_cuda):
+    if cfg.compile == "off":
         return None
-    if cfg.compile == "auto" and model is not None and has_fake_quantizers(model):
-        return None
+    if cfg.compile == "auto" and not on_cuda:
+        float32 = model is not None and all(p.dtype == torch.float32 for p in model.parameters())
+        if not (float32 and steps is not None and steps >= CPU_COMPILE_MIN_STEPS):
+            return None
     return "reduce-overhead" if on_cuda else "default"
 
 
-def compiled_step(objective: "Objective", model: nn.Module, mode: str | None):
+def compiled_step(objective: "Objective", model: nn.Module, mode: str | None, fallback: bool = False):
     """``forward(images, labels) -> (loss, logits)``: the objective with the model, compiled when asked
     (teacher, student and loss in one graph; backward compiled with it). With CUDA graphs the outputs
-    live in the graph's memory until the next replay, which is why callers consume them in the step."""
+    live in the graph's memory until the next replay, which is why callers consume them in the step.
+
+    ``fallback``: if compiling fails on the first call (no C++ compiler, an unsupported operator), warn
+    and run eager from then on; for ``compile="auto"``, whose user did not ask for compilation."""
     def forward(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return objective(model, images, labels)
 
@@ -113,14 +130,23 @@ def compiled_step(objective: "Objective", model: nn.Module, mode: str | None):
     # past its cache limit (8), silently run eager: start from clean caches instead
     torch.compiler.reset()
     compiled = torch.compile(forward, mode=mode)
-    if mode != "reduce-overhead":
-        return compiled
+    state = {"step": compiled, "first": True}
 
-    def graph_step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier outputs may be reused
-        return compiled(images, labels)
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier outputs may be reused
+        if not (state["first"] and fallback):
+            return state["step"](images, labels)
+        state["first"] = False
+        try:
+            return compiled(images, labels)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager step still trains
+            warnings.warn(f"cpq: compiling the training step failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training eagerly", stacklevel=2)
+            state["step"] = forward
+            return forward(images, labels)
 
-    return graph_step
+    return step
 
 
 def _load_state(path: Path, expected: dict, restart_stale: bool = False) -> dict | None:
@@ -175,9 +201,6 @@ def train_model(
     lr_now = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if on_cuda else None
     optimizer = make_optimizer(model, cfg, lr_now)
     objective = objective or cross_entropy(cfg.label_smoothing)
-    mode = compile_mode(cfg, device, model)
-    forward = compiled_step(objective, model, mode)
-    eval_model = torch.compile(model, mode=mode) if mode is not None else model
     loader = data.train_loader(cfg.batch_size, seed=seed, device=device)
     eval_loader = data.eval_loader(eval_split, device=device)
     steps_per_epoch = len(loader)
@@ -187,6 +210,9 @@ def train_model(
     if max_steps is not None:
         total_steps = max_steps
         epochs_to_run = -(-max_steps // steps_per_epoch)
+    mode = compile_mode(cfg, device, model, total_steps)
+    forward = compiled_step(objective, model, mode, fallback=cfg.compile == "auto")
+    eval_model = torch.compile(model, mode=mode) if mode is not None else model
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     expected = {"train_config": dataclasses.asdict(cfg), "seed": seed, "val_digest": data.val_digest,
                 "dataset": data.name, **(state_key or {})}
