@@ -14,6 +14,7 @@ from .baselines import random_bits, sensitivity, uniform
 from .class_count import class_count
 from .class_paths import classpath
 from .evaluator import SearchEvaluator
+from .hawq import hawq
 from .search import AllocationResult
 from .space import AllocationError, Target
 
@@ -23,6 +24,8 @@ ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
     "class_count": class_count,                                     # the reference's class count, max_p sum_c
     "class_count_sum": partial(class_count, count="sum_of_maxima"),  # the sum of the per-class maxima
     "sensitivity": sensitivity,
+    "hawq": hawq,                                                   # HAWQ-V3: Hessian trace x perturbation, per layer, exact
+    "hawq_channel": partial(hawq, granularity="channel"),           # the same per output channel
     "classpath": classpath,                                         # preset "reference" (GUIDE 1.1)
     "classpath_cpq": partial(classpath, preset="cpq"),              # this package's variant
     "classpath_random_paths": partial(classpath, paths="random"),   # ablation: random paths, same per-layer sizes

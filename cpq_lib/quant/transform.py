@@ -258,13 +258,17 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def dequantize_(model: nn.Module) -> nn.Module:
-    """Undo ``quantize_``: float Conv2d/Linear with the fake-quantized weights baked in, no quantizers."""
+def dequantize_(model: nn.Module, bake: bool = True) -> nn.Module:
+    """Undo ``quantize_``: float Conv2d/Linear with the fake-quantized weights baked in, no quantizers
+    (``bake=False``: with the float weights themselves, e.g. the full-precision model a Hessian is taken of)."""
     for name, layer in quantized_layers(model):
         if isinstance(layer, QuantizedSubclass):
-            _replace_everywhere(model, layer, layer.to_float())
+            plain = layer.to_float()
+            if not bake:
+                plain._parameters["weight"] = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+            _replace_everywhere(model, layer, plain)
             continue
-        weight = layer.weight_quantizer(layer.weight.detach()).clone()
+        weight = (layer.weight_quantizer(layer.weight.detach()) if bake else layer.weight.detach()).clone()
         if isinstance(layer, QConv2d):
             plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                               padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
