@@ -81,8 +81,8 @@ class RefineConfig(TrainConfig):
     learnable_scales: bool = True
 
 
-ALLOCATOR_NAMES = ("uniform", "random", "class_count", "class_count_sum", "sensitivity", "hawq", "hawq_channel", "classpath",
-                   "classpath_cpq", "classpath_random_paths", "classpath_reversed")  # cpq_lib.allocation.ALLOCATORS
+ALLOCATOR_NAMES = ("uniform", "random", "class_count", "class_count_sum", "sensitivity", "hawq", "hawq_channel", "hawq_class",
+                   "classpath", "classpath_cpq", "classpath_random_paths", "classpath_reversed")  # cpq_lib.allocation.ALLOCATORS
 
 
 @dataclass

@@ -294,7 +294,7 @@ def test_comparison_command_names_what_is_wrong_with_its_file(tmp_path, capsys):
     assert main([str(tmp_path / "binary.csv")]) == 2 and "error: " in capsys.readouterr().err
 
 
-SPENDS_THE_BUDGET = ("uniform", "random", "sensitivity", "hawq", "hawq_channel")  # class-level steps (class paths, class count) land where they land
+SPENDS_THE_BUDGET = ("uniform", "random", "sensitivity", "hawq", "hawq_channel", "hawq_class")  # class-level steps (class paths, class count) land where they land
 
 
 @pytest.mark.parametrize("bits", [2.0, 3.0])

@@ -102,3 +102,23 @@ def test_solver_refuses_budgets_nothing_meets_and_bad_tables():
         solve_assignment(np.array([[1.0, np.nan]]), [])
     with pytest.raises(AllocationError, match="costs have shape"):
         solve_assignment(np.ones((2, 2)), [Budget("x", np.ones((3, 2)), 5.0)])
+
+
+def test_equal_class_weights_give_back_the_plain_trace_and_weights_shift_it():
+    """The class-aware trace's ablation claim, exactly: with balanced classes, the equal-weight mean of
+    the per-class traces is the trace of the mean loss."""
+    from cpq_lib.allocation.hawq import weighted_class_traces
+    from cpq_lib.allocation.hessian import TraceEstimate
+
+    model, images, _ = _small_model_and_batch()
+    labels = torch.arange(24) % 3  # 8 images per class
+    parameters = {"conv": model[0].weight, "fc": model[3].weight}
+    whole = exact_traces(model, images, labels, parameters)
+    per_class = {c: TraceEstimate({}, exact_traces(model, images[labels == c], labels[labels == c], parameters), 1, 1, 0.0, True)
+                 for c in range(3)}
+    equal = weighted_class_traces(per_class, torch.ones(3))
+    for name in parameters:
+        assert torch.allclose(equal[name], whole[name], rtol=1e-10, atol=1e-12)
+    only_first = weighted_class_traces(per_class, torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(only_first["fc"], per_class[0].per_channel["fc"])
+    assert not torch.allclose(only_first["fc"], whole["fc"])

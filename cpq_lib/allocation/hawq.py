@@ -8,6 +8,12 @@ the evaluator uses). The widths are chosen by an integer program (:mod:`.solver`
 Omega within the budget every allocator shares; per layer, what one width per layer leaves of the
 budget is spent channel by channel on the layers whose next width saves the most Omega per bit, as
 the ``sensitivity`` allocator does. The plan is evaluated once, like every other allocator's.
+
+Class-aware (``class_weights="loss"``, this package's step beyond HAWQ, per channel): one trace per
+class, of that class's loss on its own training images, combined as a weighted mean with weights
+proportional to the float model's per-class validation loss, so channels the hardest classes' losses
+are curved in get the bits. Equal weights give back the plain per-channel trace (the class-balanced
+training images' mean loss is the mean of the per-class losses): that is the ablation, ``hawq_channel``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import copy
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..quant import WeightQuantizer, dequantize_, quantized_layers
 from .baselines import spend_by_sensitivity
@@ -28,20 +35,70 @@ from .space import AllocationError, Target
 GRANULARITIES = ("layer", "channel")
 
 
-def hessian_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int) -> TraceEstimate:
-    """Traces of the float twin of the evaluator's model (float weights, no quantizers) on its
-    BatchNorm-re-estimation images: training images, fixed and seeded, never validation or test."""
-    if not evaluator.bn_batches:
-        raise AllocationError("hawq takes its Hessian traces on the evaluator's training images: set "
-                              "allocation.bn_images > 0 (it is 512 by default)")
+CLASS_WEIGHTS = (None, "loss")
+
+
+def float_twin(evaluator: SearchEvaluator) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The evaluator's model with float weights and no quantizers, and its quantized layers' weights
+    (the only parameters that take gradients)."""
     twin = dequantize_(copy.deepcopy(evaluator.model), bake=False)
-    names = [name for name, _ in quantized_layers(evaluator.model)]
-    parameters = {name: twin.get_submodule(name).weight for name in names}
+    parameters = {name: twin.get_submodule(name).weight for name, _ in quantized_layers(evaluator.model)}
     for p in twin.parameters():
         p.requires_grad_(False)
     for p in parameters.values():
         p.requires_grad_(True)
-    return hutchinson_traces(twin, evaluator.bn_batches, parameters, max_probes=max_probes, tolerance=tolerance, seed=seed)
+    return twin, parameters
+
+
+def _training_batches(evaluator: SearchEvaluator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if not evaluator.bn_batches:
+        raise AllocationError("hawq takes its Hessian traces on the evaluator's training images: set "
+                              "allocation.bn_images > 0 (it is 512 by default)")
+    return evaluator.bn_batches
+
+
+def hessian_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int) -> TraceEstimate:
+    """Traces of the float twin on the evaluator's BatchNorm-re-estimation images: training images,
+    fixed, seeded and class-balanced, never validation or test."""
+    twin, parameters = float_twin(evaluator)
+    return hutchinson_traces(twin, _training_batches(evaluator), parameters, max_probes=max_probes,
+                             tolerance=tolerance, seed=seed)
+
+
+def class_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int) -> dict[int, TraceEstimate]:
+    """One trace estimate per class, of the loss on that class's training images only."""
+    twin, parameters = float_twin(evaluator)
+    images = torch.cat([x for x, _ in _training_batches(evaluator)])
+    labels = torch.cat([y for _, y in _training_batches(evaluator)])
+    out = {}
+    for c in sorted(set(labels.tolist())):
+        rows = labels == c
+        out[c] = hutchinson_traces(twin, [(images[rows], labels[rows])], parameters, max_probes=max_probes,
+                                   tolerance=tolerance, seed=seed * 1000 + c)
+    return out
+
+
+@torch.no_grad()
+def validation_class_losses(evaluator: SearchEvaluator, num_classes: int) -> torch.Tensor:
+    """The float twin's mean cross-entropy per class on the evaluator's validation images."""
+    twin, _ = float_twin(evaluator)
+    twin.eval()
+    sums = torch.zeros(num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for images, labels in evaluator.batches:
+        losses = nn.functional.cross_entropy(twin(images), labels, reduction="none").double().cpu()
+        sums.index_add_(0, labels.cpu(), losses)
+        counts.index_add_(0, labels.cpu(), torch.ones_like(losses))
+    return sums / counts.clamp_min(1)
+
+
+def weighted_class_traces(traces: dict[int, TraceEstimate], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per channel: the weighted mean over classes of the per-class traces."""
+    classes = sorted(traces)
+    w = weights[classes].double()
+    w = w / w.sum()
+    names = list(traces[classes[0]].per_channel)
+    return {name: sum(float(w[i]) * traces[c].per_channel[name] for i, c in enumerate(classes)) for name in names}
 
 
 @torch.no_grad()
@@ -62,25 +119,39 @@ def squared_errors(evaluator: SearchEvaluator, name: str, widths: list[int]) -> 
     return torch.stack(columns, 1)
 
 
-def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "layer", start_bits: int | None = None,
-         min_bits: int = 1, max_probes: int = 200, tolerance: float = 1e-2, seed: int = 0, progress: bool = True,
-         **_) -> AllocationResult:
-    """Per-layer (HAWQ-V3) or per-channel bits minimising the summed Hessian-aware sensitivity."""
+def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "layer", class_weights: str | None = None,
+         start_bits: int | None = None, min_bits: int = 1, max_probes: int = 200, tolerance: float = 1e-2, seed: int = 0,
+         progress: bool = True, **_) -> AllocationResult:
+    """Per-layer (HAWQ-V3) or per-channel bits minimising the summed Hessian-aware sensitivity;
+    ``class_weights="loss"``: per-class traces weighted by the float model's per-class validation loss."""
     if granularity not in GRANULARITIES:
         raise AllocationError(f"hawq granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if class_weights not in CLASS_WEIGHTS:
+        raise AllocationError(f"hawq class_weights must be None or 'loss', got {class_weights!r}")
     space = evaluator.space
     start = start_bits or target.start_bits()
     if not 1 <= min_bits <= start <= 16:
         raise AllocationError(f"hawq widths {min_bits}..{start} must lie in 1..16, lowest first")
     widths = list(range(min_bits, start + 1))
-    traces = hessian_traces(evaluator, max_probes, tolerance, seed)
+    details: dict = {}
+    if class_weights is None:
+        traces = hessian_traces(evaluator, max_probes, tolerance, seed)
+        per_channel, per_layer = traces.per_channel, traces.per_layer
+        estimates = [traces]
+    else:
+        by_class = class_traces(evaluator, max_probes, tolerance, seed)
+        losses = validation_class_losses(evaluator, evaluator.num_classes)
+        per_channel = weighted_class_traces(by_class, losses)
+        per_layer = {name: float(values.sum()) for name, values in per_channel.items()}
+        estimates = list(by_class.values())
+        details["class_weights"] = {str(c): round(float(losses[c]), 6) for c in by_class}
     errors = {name: squared_errors(evaluator, name, widths) for name in space.names}
     if granularity == "channel":
-        omega = torch.cat([perturbation_sensitivity(traces.per_channel[name], errors[name], space.params_per_channel[i])
+        omega = torch.cat([perturbation_sensitivity(per_channel[name], errors[name], space.params_per_channel[i])
                            for i, name in enumerate(space.names)]).numpy()
         params = space.weights().numpy()
     else:
-        omega = torch.stack([perturbation_sensitivity(torch.tensor([traces.per_layer[name]]), errors[name].sum(0, keepdim=True),
+        omega = torch.stack([perturbation_sensitivity(torch.tensor([per_layer[name]]), errors[name].sum(0, keepdim=True),
                                                       space.channels[i] * space.params_per_channel[i])[0]
                              for i, name in enumerate(space.names)]).numpy()
         params = np.array([space.channels[i] * space.params_per_channel[i] for i in range(len(space.names))], dtype=np.float64)
@@ -94,11 +165,12 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
         bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start)
     log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
-    layer_traces = {name: round(value, 8) for name, value in traces.per_layer.items()}
+    details.update({
+        "traces": {name: round(value, 8) for name, value in per_layer.items()}, "omega": round(assignment.objective, 10),
+        "trace_cost": {"estimates": len(estimates), "probes": sum(e.probes for e in estimates),
+                       "hessian_vector_products": sum(e.hessian_vector_products for e in estimates),
+                       "seconds": round(sum(e.seconds for e in estimates), 3), "converged": all(e.converged for e in estimates),
+                       "images": sum(len(labels) for _, labels in evaluator.bn_batches)}})
     return log.result("hawq", bits, target, accuracy,
-                      {"granularity": granularity, "start_bits": start, "min_bits": min_bits, "max_probes": max_probes,
-                       "tolerance": tolerance, "seed": seed},
-                      {"traces": layer_traces, "omega": round(assignment.objective, 10),
-                       "trace_cost": {"probes": traces.probes, "hessian_vector_products": traces.hessian_vector_products,
-                                      "seconds": round(traces.seconds, 3), "converged": traces.converged,
-                                      "images": sum(len(labels) for _, labels in evaluator.bn_batches)}})
+                      {"granularity": granularity, "class_weights": class_weights, "start_bits": start, "min_bits": min_bits,
+                       "max_probes": max_probes, "tolerance": tolerance, "seed": seed}, details)

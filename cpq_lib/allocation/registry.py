@@ -26,6 +26,7 @@ ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
     "sensitivity": sensitivity,
     "hawq": hawq,                                                   # HAWQ-V3: Hessian trace x perturbation, per layer, exact
     "hawq_channel": partial(hawq, granularity="channel"),           # the same per output channel
+    "hawq_class": partial(hawq, granularity="channel", class_weights="loss"),  # per-class traces, hard classes weigh more
     "classpath": classpath,                                         # preset "reference" (GUIDE 1.1)
     "classpath_cpq": partial(classpath, preset="cpq"),              # this package's variant
     "classpath_random_paths": partial(classpath, paths="random"),   # ablation: random paths, same per-layer sizes
