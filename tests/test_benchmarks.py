@@ -147,3 +147,12 @@ def test_bench_peers_times_brevitas_or_says_how_to_install_it(bench, capsys, mon
         return
     record = bench("bench_peers", "--repeats", "1", "--batch", "2")
     assert set(record["train_step_ratio"]) == set(record["eval_ratio"]) == {"cpq", "cpq_lsq", "brevitas"}
+
+
+@pytest.mark.shared_data
+def test_bench_hessian_records_trace_cost_against_a_validation_pass(bench, cifar10_zip):
+    record = bench("bench_hessian", "--data-root", str(cifar10_zip), "--repeats", "1", "--max-probes", "2",
+                   "--val-images", "50", "--trace-images", "20")
+    assert record["validation_images"] == 50 and record["trace_images"] == 20
+    assert record["cost"]["hawq"] == {"estimates": 1, "probes": 2, "hessian_vector_products": 2, "converged": False}
+    assert record["cost"]["hawq_class"]["estimates"] == 10 and record["ratio_vs_validation_pass"]["hawq"] > 0

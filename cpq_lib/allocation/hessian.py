@@ -54,11 +54,11 @@ def rademacher_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def hutchinson_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       parameters: dict[str, nn.Parameter], *, loss: Loss | None = None, max_probes: int = 200,
-                      min_probes: int = 8, tolerance: float = 1e-2, seed: int = 0) -> TraceEstimate:
+                      min_probes: int | None = None, tolerance: float = 1e-2, seed: int = 0) -> TraceEstimate:
     """Traces of the Hessian of ``loss`` (mean cross-entropy by default, averaged over ``batches``) for
     each named parameter, and per output channel.
 
-    Stops after ``min_probes`` probes once every layer's running mean moved by less than ``tolerance``
+    Stops after ``min_probes`` probes (default 8, or ``max_probes`` if fewer) once every layer's running mean moved by less than ``tolerance``
     (relative to its magnitude) with the last probe, or at ``max_probes``. The model must be a float
     model (second derivatives do not pass through fake quantizers' straight-through estimators); it
     runs in eval mode (BatchNorm from running statistics, so the loss is a function of the weights
@@ -66,6 +66,7 @@ def hutchinson_traces(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     """
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 1:
         raise AllocationError(f"max_probes must be an integer >= 1, got {max_probes!r}")
+    min_probes = min(8, max_probes) if min_probes is None else min_probes
     if isinstance(min_probes, bool) or not isinstance(min_probes, int) or not 1 <= min_probes <= max_probes:
         raise AllocationError(f"min_probes must be an integer in 1..max_probes ({max_probes}), got {min_probes!r}")
     if not tolerance > 0:
