@@ -318,3 +318,27 @@ def test_allocators_that_spend_the_budget_land_within_0_01_of_its_maximum(search
     for row in rows:  # the table flags every arm that spent more than 0.01 bits less than the highest
         line = next(line for line in text.splitlines() if line.startswith(f"| {target.label()} | {row['allocator']} |"))
         assert ("†" in line) == (highest - row["average_bits"] > 0.01 + 1e-12), line
+
+
+@pytest.mark.parametrize("method", ["hawq", "hawq_channel"])
+def test_hawq_honours_a_bitops_budget_and_the_others_refuse_one(search, method):
+    from cpq_lib.allocation.budgets import bitops_model
+    from cpq_lib.quant import model_summary
+
+    student, data, scores = search
+    evaluator = SearchEvaluator(copy.deepcopy(student), data, bn_images=64)
+    model = bitops_model(evaluator)
+    at_uniform = model.gbitops(evaluator.space.uniform(3))
+    applied = copy.deepcopy(student)
+    evaluator.space.to_plan(evaluator.space.uniform(3), 4).apply_(applied)  # the linear model is the layer table's BitOPs
+    assert at_uniform * 1e9 == pytest.approx(model_summary(applied, evaluator.batches[0][0][:1])["bitops"], rel=1e-9)
+    limit = 0.8 * at_uniform  # binding: below what 3 bits everywhere costs, with room in the average-bit budget
+    result = allocate(method, evaluator, Target(3.0, 4, max_gbitops=limit), progress=False)
+    spent = model.gbitops(evaluator.space.from_plan(result.plan))
+    assert spent <= limit and result.plan.meta["gbitops"] == pytest.approx(spent)
+    assert spent >= 0.95 * limit  # the binding budget is (nearly) spent
+    assert result.plan.meta["average_bits"] <= 3.06
+    with pytest.raises(AllocationError, match="allocator 'uniform' cannot take a BitOPs budget"):
+        allocate("uniform", evaluator, Target(3.0, 4, max_gbitops=limit), progress=False)
+    with pytest.raises(AllocationError, match="max_gbitops must be a positive number"):
+        Target(3.0, 4, max_gbitops=0)

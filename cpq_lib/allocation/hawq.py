@@ -29,7 +29,8 @@ from .baselines import spend_by_sensitivity
 from .evaluator import SearchEvaluator
 from .hessian import TraceEstimate, hutchinson_traces, perturbation_sensitivity
 from .search import AllocationResult, SearchLog
-from .solver import average_bits_budget, solve_assignment
+from .budgets import BitopsModel, bitops_model
+from .solver import Budget, average_bits_budget, solve_assignment
 from .space import AllocationError, Target
 
 GRANULARITIES = ("layer", "channel")
@@ -119,6 +120,14 @@ def squared_errors(evaluator: SearchEvaluator, name: str, widths: list[int]) -> 
     return torch.stack(columns, 1)
 
 
+def bitops_budget(model: BitopsModel, space, granularity: str, widths: list[int], max_gbitops: float) -> Budget:
+    """``max_gbitops`` as a linear budget over the groups' widths (the float layers' share subtracted)."""
+    per_bit = model.per_weight_bit.numpy()
+    if granularity == "layer":
+        per_bit = np.array([per_bit[space.layer_slice(name)].sum() for name in space.names])
+    return Budget("bitops", per_bit[:, None] * np.asarray(widths, dtype=np.float64)[None, :], max_gbitops * 1e9 - model.constant)
+
+
 def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "layer", class_weights: str | None = None,
          start_bits: int | None = None, min_bits: int = 1, max_probes: int = 200, tolerance: float = 1e-2, seed: int = 0,
          progress: bool = True, **_) -> AllocationResult:
@@ -155,14 +164,18 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
                                                       space.channels[i] * space.params_per_channel[i])[0]
                              for i, name in enumerate(space.names)]).numpy()
         params = np.array([space.channels[i] * space.params_per_channel[i] for i in range(len(space.names))], dtype=np.float64)
-    assignment = solve_assignment(omega, [average_bits_budget(params, widths, target.max_bits)])
+    budgets = [average_bits_budget(params, widths, target.max_bits)]
+    if target.max_gbitops is not None:
+        budgets.append(bitops_budget(bitops_model(evaluator), space, granularity, widths, target.max_gbitops))
+    assignment = solve_assignment(omega, budgets)
     chosen = [widths[k] for k in assignment.choice]
     if granularity == "channel":
         bits = torch.tensor(chosen, dtype=torch.long)
     else:
         bits = torch.cat([torch.full((space.channels[i],), chosen[i], dtype=torch.long) for i in range(len(space.names))])
         rise = {(i, b): float(omega[i, k]) for i in range(len(space.names)) for k, b in enumerate(widths)}
-        bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start)
+        if target.max_gbitops is None:  # (with a BitOPs budget too, the spending below could break it: skipped)
+            bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start)
     log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     details.update({
