@@ -68,6 +68,8 @@ class _MirroredState:
 
     def refresh_state(self) -> None:
         """Re-read the state buffers into the forward's mirrors (after writing ``bits`` etc. directly)."""
+        if any(t.is_meta for t in self._state_buffers()):
+            return  # a model on the meta device has shapes but no values: nothing to mirror, nothing can run
         self._read_state()
         self._token = _state_token(*self._state_buffers())
 
