@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError
 from .fileio import atomic_write_text
 
-PROFILES = ("quick", "cifar10", "paper")
+PROFILES = ("quick", "cifar10", "paper", "imagenet")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 
@@ -32,18 +32,24 @@ def _f(default: Any, **meta: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices=("digits", "cifar10", "cifar100", "imagefolder"))
+    name: str = _f("digits", choices=("digits", "cifar10", "cifar100", "imagefolder", "imagenet"))
     root: str | None = None
-    val_fraction: float = _f(0.1, min=0.01, max=0.5)
+    val_fraction: float = _f(0.1, min=0.001, max=0.5)
     split_seed: int = _f(0, min=0)
     download: bool = False
+    image_size: int = _f(224, min=8, max=4096)  # imagenet (read lazily): side of the square crops
+    workers: int = _f(0, min=0, max=256)         # imagenet: DataLoader worker processes (speed only, same batches)
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("digits_cnn", choices=("digits_cnn", "resnet20", "resnet32", "vgg_small"))
+    name: str = _f("digits_cnn", choices=("digits_cnn", "resnet20", "resnet32", "vgg_small", "resnet18", "resnet50",
+                                          "mobilenet_v2"))
     width: float = _f(1.0, min=0.01, max=64.0)
-    pretrained: bool = False  # load the shipped checkpoint for (model, data set) instead of training
+    # load the shipped checkpoint for (model, data set) instead of training; for torchvision's models
+    # (resnet18, resnet50, mobilenet_v2) torchvision's ImageNet weights: downloaded, or weights_file
+    pretrained: bool = False
+    weights_file: str | None = None  # a torchvision state dict on disk (machines without internet)
 
 
 @dataclass
@@ -227,6 +233,16 @@ def _profile_defaults(profile: str) -> dict[str, Any]:
                           "nesterov": False},
                 "allocation": {"images_per_class": 100, "search_images": 1000},
                 "refine": {"epochs": 400, "batch_size": 128, "lr": 0.1, "weight_decay": 1e-4, "nesterov": False}}
+    if profile == "imagenet":
+        # ImageNet-style folders read lazily (train/ and val/; val/ is the test split), torchvision's
+        # ResNet-18 with its ImageNet weights; heavy stages are for GPUs (docs/imagenet.md)
+        return {"profile": "imagenet", "device": "auto",
+                "data": {"name": "imagenet", "val_fraction": 0.01, "image_size": 224, "workers": 8},
+                "model": {"name": "resnet18", "pretrained": True},
+                "train": {"epochs": 90, "batch_size": 256, "lr": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
+                          "nesterov": False, "label_smoothing": 0.0},
+                "allocation": {"images_per_class": 10, "search_images": 5000, "bn_images": 1024, "calibration_images": 1024},
+                "refine": {"epochs": 1, "batch_size": 256, "lr": 0.001, "weight_decay": 1e-4}}
     raise ConfigError(f"profile: {profile!r} is not allowed; choose one of {list(PROFILES)}")
 
 

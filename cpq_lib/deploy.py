@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             BitPlan.uniform(student, config.allocation.weight_bits, config.allocation.act_bits).apply_(student)
         source = {"plan": args.plan} if plan is not None else {"bits": args.bits}
     student = student.float().eval()
-    example = data.val.images[:2].float().div(255.0).to(device)
+    example = data.example(2).float().to(device)
     export_onnx(student, example, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
     if args.verify:
@@ -151,9 +151,9 @@ def _read_plan(path: Path) -> tuple[BitPlan, int]:
 
 def verify_report(path: Path, model: nn.Module, data, split: str, images: int | None, device: str) -> dict[str, dict]:
     """verify_onnx with optimizations off and on, with both accuracies, on ``split``."""
-    from .data import TensorBatchLoader
+    from .data import part_loader
 
-    batches = [(x.float(), y) for x, y in TensorBatchLoader(data.subset(split, images), 250)]  # floats in [0, 1]
+    batches = [(x.float(), y) for x, y in part_loader(data.subset(split, images), 250)]  # floats in [0, 1]
     return {"optimizations on" if optimize else "optimizations off": verify_onnx(path, model, batches, optimize=optimize)
             for optimize in (False, True)}
 

@@ -214,7 +214,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
     # the final report: the only place the test split is read
     before = quantized_student(teacher, config, search_data, device)
     before.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
-    example = data.val.images[:1].to(torch.get_default_dtype()).div(255.0).to(device)
+    example = data.example(1).to(device)
     results = {
         "allocator": a.method, "target": {"weight_bits": a.weight_bits, "act_bits": a.act_bits,
                                           "max_bits": a.weight_bits + a.slack, "label": Target(a.weight_bits, a.act_bits, a.slack).label()},

@@ -18,6 +18,7 @@ from .config import ExperimentConfig
 from .data import DataBundle, load_dataset
 from .errors import CheckpointError
 from .models import build_model, load_checkpoint, load_pretrained, save_checkpoint
+from .models.torchvision_models import IMAGENET_CLASSES, TORCHVISION_MODELS, load_torchvision_weights
 from .provenance import code_fingerprint, environment_record
 from .train import evaluate, train_model
 from .fileio import atomic_write_json
@@ -25,7 +26,8 @@ from .fileio import atomic_write_json
 
 def load_data(config: ExperimentConfig) -> DataBundle:
     d = config.data
-    return load_dataset(d.name, d.root, val_fraction=d.val_fraction, split_seed=d.split_seed, download=d.download)
+    return load_dataset(d.name, d.root, val_fraction=d.val_fraction, split_seed=d.split_seed, download=d.download,
+                        image_size=d.image_size, workers=d.workers)
 
 
 def model_kwargs(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
@@ -136,6 +138,8 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
     """The full-precision model of a profile: the shipped checkpoint, a cached one in ``run_dir``
     (``baseline/seed-<seed>``), or a newly trained one; on the configuration's device."""
     device = config.resolved_device()
+    if config.model.pretrained and config.model.name in TORCHVISION_MODELS:
+        return _torchvision_pretrained(config, data)
     if config.model.pretrained:
         model, card = load_pretrained(config.model.name, data.name)
         check_card_matches(card, data, f"shipped {config.model.name}_{data.name}")
@@ -144,6 +148,23 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.parent / ".lock")):  # runs of a sweep in parallel processes train it once
         return _cached_or_trained_baseline(config, data, path, progress)
+
+
+def _torchvision_pretrained(config: ExperimentConfig, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """torchvision's ImageNet weights for the configured model, with a card saying where they came from.
+
+    They were trained on all of ImageNet's training images, the validation split held out of train/
+    included: searches on it rank plans against each other but overstate accuracy; the test split
+    (ImageNet's val/) is unseen by them."""
+    if data.num_classes != IMAGENET_CLASSES:
+        raise CheckpointError(f"torchvision's ImageNet weights for {config.model.name} have {IMAGENET_CLASSES} classes; "
+                              f"the data has {data.num_classes}: train a baseline instead (model.pretrained=false)")
+    kwargs = model_kwargs(config, data)
+    model = build_model(config.model.name, **kwargs)
+    source = load_torchvision_weights(model, config.model.name, config.model.weights_file)
+    card = {"model": config.model.name, "model_kwargs": kwargs, "weights": source, "data": data.describe(),
+            "note": "torchvision's ImageNet weights: trained on every train/ image, this run's validation split included"}
+    return model.to(config.resolved_device()).eval(), card
 
 
 def _cached_or_trained_baseline(config: ExperimentConfig, data: DataBundle, path: Path,

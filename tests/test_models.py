@@ -5,15 +5,58 @@ from cpq_lib.errors import CheckpointError, ModelError
 from cpq_lib.models import MODELS, build_model, count_parameters, load_checkpoint, load_pretrained, save_checkpoint
 
 
-@pytest.mark.parametrize("name,kwargs,shape,params", [
-    ("digits_cnn", {"in_channels": 1}, (2, 1, 8, 8), 24_058),
-    ("resnet20", {}, (2, 3, 32, 32), 272_474),
-    ("vgg_small", {}, (2, 3, 32, 32), 4_660_106),
-])
-def test_models_build_and_run(name, kwargs, shape, params):
+# every registry entry (the test below fails when an entry is added without a row here); torchvision's
+# counts are torchvision's own for 10 classes (input normalisation adds buffers, no parameters)
+BUILDS = {
+    "digits_cnn": ({"in_channels": 1}, (2, 1, 8, 8), 24_058),
+    "resnet20": ({}, (2, 3, 32, 32), 272_474),
+    "resnet32": ({}, (2, 3, 32, 32), 466_906),
+    "vgg_small": ({}, (2, 3, 32, 32), 4_660_106),
+    "resnet18": ({}, (2, 3, 32, 32), 11_181_642),
+    "resnet50": ({}, (2, 3, 32, 32), 23_528_522),
+    "mobilenet_v2": ({}, (2, 3, 32, 32), 2_236_682),
+}
+
+
+def test_every_registered_model_is_tested():
+    assert set(MODELS) == set(BUILDS)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_models_build_and_run(name):
+    kwargs, shape, params = BUILDS[name]
     model = build_model(name, 10, **kwargs).eval()
     assert model(torch.rand(shape)).shape == (2, 10)
     assert count_parameters(model) == params
+
+
+def test_torchvision_models_keep_torchvision_names_and_take_its_weights(tmp_path):
+    import torchvision
+
+    from cpq_lib.models.torchvision_models import load_torchvision_weights
+
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    model = build_model("resnet18", 10, mean=mean, std=std).eval()
+    assert load_torchvision_weights(model, "resnet18", path) == {"weights_file": "resnet18.pt"}
+    assert set(model.state_dict()) == set(reference.state_dict()) | {"input_norm.mean", "input_norm.std"}
+    x = torch.rand(2, 3, 40, 40)
+    normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), reference(normalised))
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="do not fit resnet18: .*size mismatch"):
+        load_torchvision_weights(model, "resnet18", tmp_path / "other.pt")
+    torch.save({"fc.bias": torch.zeros(10)}, tmp_path / "part.pt")
+    with pytest.raises(CheckpointError, match=r"do not fit resnet18: missing \['conv1.weight'"):
+        load_torchvision_weights(model, "resnet18", tmp_path / "part.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_torchvision_weights(model, "resnet18", tmp_path / "missing.pt")
+    with pytest.raises(ModelError, match="RGB images.*in_channels=1"):
+        build_model("resnet18", 10, in_channels=1)
+    with pytest.raises(ModelError, match="width must be 1.0"):
+        build_model("mobilenet_v2", 10, width=0.5)
 
 
 def test_width_multiplier_and_class_count():
@@ -22,8 +65,8 @@ def test_width_multiplier_and_class_count():
 
 
 def test_unknown_model_and_bad_arguments():
-    with pytest.raises(ModelError, match="unknown model 'resnet18'.*resnet20"):
-        build_model("resnet18", 10)
+    with pytest.raises(ModelError, match="unknown model 'resnet99'.*resnet20"):
+        build_model("resnet99", 10)
     with pytest.raises(ModelError, match="positive integer, got 0"):
         build_model("resnet20", 0)
     with pytest.raises(ModelError, match="bad arguments"):

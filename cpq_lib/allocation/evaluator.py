@@ -1,7 +1,8 @@
 """Validation accuracy of a per-channel bit assignment, fast enough for searches that try hundreds.
 
 Searches see a :class:`~cpq_lib.data.SearchData` (no test split) and evaluate on a fixed, stratified
-subset of the validation split, held in memory as ready float tensors. Setting a plan touches only the
+subset of the validation split, held in memory as ready float tensors (a lazily read data set decodes
+it on every evaluation instead: memory stays flat). Setting a plan touches only the
 layers whose bits changed, and per-channel scales come from a table computed once per (layer,
 bit-width): a channel's scale depends only on its own weights and bit-width (per-channel, symmetric
 grids), so the table gives exactly what ``WeightQuantizer.initialize`` would, without re-running the
@@ -23,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from ..data import SearchData
+from ..data import SearchData, ready_batches
 from ..devices import check_model_device
 from ..quant import WeightQuantizer, quantized_layers
 from ..quant.batchnorm import batchnorms, reestimate_bn_, restored_bn_statistics
@@ -51,8 +52,7 @@ class SearchEvaluator:
         subset = data.subset("val", images, seed)
         self.images = len(subset)
         fmt = memory_format_of(model)
-        self.batches = [(subset.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=fmt),
-                         subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]
+        self.batches = ready_batches(subset, batch_size, device, fmt)
         if isinstance(bn_images, bool) or not isinstance(bn_images, int) or bn_images < 0:
             raise AllocationError(f"bn_images must be a number of training images >= 0 (0: no BatchNorm re-estimation), "
                                   f"got {bn_images!r}")
@@ -119,8 +119,6 @@ class SearchEvaluator:
 
 
 def bn_batches(data: SearchData, images: int, seed: int, device: str | torch.device,
-               memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 256) -> list:
+               memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 256):
     """The fixed training images every evaluation re-estimates BatchNorm on, as ready batches (seeded, stratified)."""
-    subset = data.subset("train", images, seed)
-    return [(subset.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=memory_format),
-             subset.labels[i:i + batch_size].to(device)) for i in range(0, len(subset), batch_size)]
+    return ready_batches(data.subset("train", images, seed), batch_size, device, memory_format)

@@ -69,6 +69,9 @@ class TensorBatchLoader:
     ``device``: where batches are made. ``resident`` (default: on CUDA) keeps the images on the device
     and augments there with the epoch's draws made up front; ``resident=True`` on the CPU runs the same
     code on CPU tensors (which is how its equivalence to the CPU path is tested without a GPU).
+    ``shard=(rank, world)``: every global batch of ``batch_size`` is drawn (order, crops, flips) as one
+    process would, cut into ``world`` nearly equal pieces, and piece ``rank`` is yielded (distributed
+    training sees the single process's batches, split between the ranks).
     """
 
     def __init__(
@@ -81,9 +84,14 @@ class TensorBatchLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         resident: bool | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rank, world = shard
+        if not 0 <= rank < world or world > batch_size:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world <= batch_size ({batch_size}), got {shard!r}")
+        self.shard = (rank, world)
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -111,9 +119,12 @@ class TensorBatchLoader:
             return
         for start in starts:
             index = order[start : start + self.batch_size]
-            images = self.data.images[index]
-            if self.augment is not None:
-                images = random_crop_flip(images, self.augment, generator)
+            mine = self._mine(len(index))
+            images = self.data.images[index[mine]]
+            if self.augment is not None:  # the whole global batch's draws, in the single process's order
+                draws = draw_crop_flip(len(index), self.augment, generator)
+                images = apply_crop_flip(images, self.augment, *(d[mine] for d in draws))
+            index = index[mine]
             images, labels = images.to(torch.get_default_dtype()).div_(255.0), self.data.labels[index]
             if self.device.type != "cpu":
                 images, labels = images.to(self.device), labels.to(self.device)
@@ -133,9 +144,17 @@ class TensorBatchLoader:
             host = host.pin_memory()
         plan = host.to(self.device, non_blocking=True)  # one transfer per epoch
         for start, size in zip(starts, sizes):
-            index = plan[0, start : start + size]
+            rows = plan[:, start : start + size][:, self._mine(size)]
+            index = rows[0]
             images = stored.images[index]
             if self.augment is not None:
-                images = apply_crop_flip(images, self.augment, plan[1, start : start + size],
-                                         plan[2, start : start + size], plan[3, start : start + size].bool())
+                images = apply_crop_flip(images, self.augment, rows[1], rows[2], rows[3].bool())
             yield images.to(torch.get_default_dtype()).div_(255.0), stored.labels[index]
+
+    def _mine(self, size: int) -> slice:
+        """Positions in a global batch of ``size`` that belong to this rank (all of them for one process):
+        ``torch.tensor_split``'s pieces, the first ``size % world`` one longer."""
+        rank, world = self.shard
+        piece, longer = divmod(size, world)
+        low = rank * piece + min(rank, longer)
+        return slice(low, low + piece + (rank < longer))

@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import ModelError
 from .digits_cnn import DigitsCNN
 from .resnet_cifar import CifarResNet
+from .torchvision_models import TORCHVISION_MODELS, build_torchvision
 from .vgg_small import VGGSmall
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -16,6 +17,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
     "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
     "vgg_small": VGGSmall,
+    # torchvision's ImageNet classifiers, parameter names unchanged (cpq_lib.models.torchvision_models)
+    **{name: (lambda name: lambda **kw: build_torchvision(name, **kw))(name) for name in TORCHVISION_MODELS},
 }
 
 
@@ -27,7 +30,7 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
     try:
         return MODELS[name](num_classes=num_classes, **kwargs)
-    except TypeError as exc:
+    except TypeError as exc:  # e.g. image_size for a model that takes any size
         raise ModelError(f"bad arguments for model {name!r}: {exc}") from exc
 
 
