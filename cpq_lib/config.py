@@ -71,6 +71,8 @@ class TrainConfig:
     # and on the CPU for float32 runs long enough to repay compiling (see
     # cpq_lib.train.trainer.compile_mode); short CPU runs stay eager (it changes their last bits)
     compile: str = _f("auto", choices=("auto", "on", "off"))
+    # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only) instead of per rank
+    sync_bn: bool = False
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .models import build_model, load_checkpoint, load_pretrained, save_checkpoi
 from .models.torchvision_models import IMAGENET_CLASSES, TORCHVISION_MODELS, load_torchvision_weights
 from .provenance import code_fingerprint, environment_record
 from .train import evaluate, train_model
+from .train.distributed import barrier, is_writer
 from .fileio import atomic_write_json
 
 
@@ -113,8 +114,10 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, out_dir: str | os
         "environment": environment_record(), "code_fingerprint": code_fingerprint(*BASELINE_CODE),
         "artefact_key": key.to_dict(),
     }
-    save_checkpoint(model, out / "model.pt", card)
-    atomic_write_json(card, out / "model.json")
+    if is_writer():  # under torchrun, rank 0 writes; the others wait until the files are there
+        save_checkpoint(model, out / "model.pt", card)
+        atomic_write_json(card, out / "model.json")
+    barrier()
     return model, card
 
 

@@ -1,6 +1,9 @@
 """Train a full-precision baseline: ``python -m cpq_lib.train --profile cifar10 --data-root <zip> --out <dir>``.
 
-Killed runs resume from ``<out>/state.pt`` when started again with the same arguments.
+Killed runs resume from ``<out>/state.pt`` when started again with the same arguments. On several GPUs
+(or CPU processes): ``python -m torch.distributed.run --nproc-per-node N -m cpq_lib.train ...`` trains
+with DistributedDataParallel, the global batch ``train.batch_size`` split between the ranks; rank 0
+writes the files, and a killed run resumes from them on any number of ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from ..config import PROFILES, make_config
 from ..errors import CpqError
 from ..pipeline import load_data, train_baseline
 from ..runtime import configure_for
+from .distributed import init_from_environment, is_writer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(error))
     try:
         configure_for(config)
+        init_from_environment(config.resolved_device())
         data = load_data(config)
         command = "python -m cpq_lib.train " + shlex.join(sys.argv[1:] if argv is None else argv)
         _, card = train_baseline(config, data, args.out, progress=not args.no_progress, command=command)
     except CpqError as error:  # bad input: the message says what and what is allowed; no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({k: card[k] for k in ("epochs", "val_accuracy", "test_accuracy", "wall_time_seconds")}))
+    if is_writer():
+        print(json.dumps({k: card[k] for k in ("epochs", "val_accuracy", "test_accuracy", "wall_time_seconds")}))
     return 0
 
 

@@ -36,9 +36,12 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "eval", per_image: bool = False) -> EvalResult:
+             progress: bool = False, desc: str = "eval", per_image: bool = False, sum_over_ranks: bool = False) -> EvalResult:
     """Evaluate in eval mode (restoring the previous mode afterwards). The model must already be on
-    ``device`` (see cpq_lib.devices: functions never move a caller's model)."""
+    ``device`` (see cpq_lib.devices: functions never move a caller's model).
+
+    ``sum_over_ranks``: ``batches`` is this rank's shard of the data (distributed training); the sums
+    are added over the ranks, so every rank returns the accuracy on the whole data."""
     check_model_device(model, device, "evaluate")
     was_training = model.training
     model.eval()
@@ -65,6 +68,15 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: str 
         if per_image:
             hits.append(right)
     model.train(was_training)
+    if sum_over_ranks:
+        from .distributed import all_reduce_
+
+        if loss_sum is None:  # a rank whose shard was empty still joins the sums
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros(num_classes, dtype=torch.long, device=device)
+            total = torch.zeros(num_classes, dtype=torch.long, device=device)
+        for tensor in (loss_sum, correct, total):
+            all_reduce_(tensor)
     if loss_sum is None or int(total.sum()) == 0:
         raise ValueError("evaluation data is empty")
     correct, total = correct.cpu(), total.cpu()

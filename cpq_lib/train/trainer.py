@@ -30,6 +30,8 @@ from ..data import DataBundle
 from ..devices import check_model_device
 from ..errors import CheckpointError, TrainingError
 from ..fileio import atomic_torch_save, atomic_write_text
+from .distributed import (all_reduce_, barrier, data_parallel, from_sync_batchnorm_, is_writer, to_sync_batchnorm,
+                          world)
 from .evaluate import evaluate
 from .schedule import learning_rate
 
@@ -193,16 +195,27 @@ def train_model(
     values a resumed state must have been made with (e.g. the bit plan of a quantized student); a state
     made otherwise is an error, or with ``restart_stale`` (the state is a cache of a keyed stage) ignored
     and overwritten by this run's.
+
+    Under torchrun (a process group of several ranks, :mod:`cpq_lib.train.distributed`) the model is
+    trained with DistributedDataParallel: each rank takes its piece of every global batch of
+    ``cfg.batch_size``, rank 0 alone writes the state and the log, and every rank resumes from them.
     """
     check_model_device(model, device, "train_model")
+    rank, ranks = world()
+    writer = is_writer()
+    progress = progress and writer
     on_cuda = torch.device(device).type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
+    synced = ranks > 1 and cfg.sync_bn
+    if synced:
+        to_sync_batchnorm(model, device)
     lr_now = torch.tensor(cfg.lr, dtype=torch.float32, device=device) if on_cuda else None
     optimizer = make_optimizer(model, cfg, lr_now)
     objective = objective or cross_entropy(cfg.label_smoothing)
-    loader = data.train_loader(cfg.batch_size, seed=seed, device=device)
-    eval_loader = data.eval_loader(eval_split, device=device)
+    loader = data.train_loader(cfg.batch_size, seed=seed, device=device, shard=(rank, ranks))
+    eval_loader = data.eval_loader(eval_split, device=device, shard=(rank, ranks))
+    train_images = len(data.train)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     max_steps = getattr(cfg, "max_steps", None)
@@ -210,8 +223,9 @@ def train_model(
     if max_steps is not None:
         total_steps = max_steps
         epochs_to_run = -(-max_steps // steps_per_epoch)
-    mode = compile_mode(cfg, device, model, total_steps)
-    forward = compiled_step(objective, model, mode, fallback=cfg.compile == "auto")
+    mode = compile_mode(cfg, device, model, total_steps) if ranks == 1 else None  # DDP steps run eager
+    network = data_parallel(model, device) if ranks > 1 else model
+    forward = compiled_step(objective, network, mode, fallback=cfg.compile == "auto")
     eval_model = torch.compile(model, mode=mode) if mode is not None else model
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     expected = {"train_config": dataclasses.asdict(cfg), "seed": seed, "val_digest": data.val_digest,
@@ -227,7 +241,7 @@ def train_model(
         result.history = list(state["history"])
         result.epochs_completed = result.resumed_from_epoch = int(state["epoch"])
         result.seconds = float(state["seconds"])
-        if log_path is not None:  # the log matches the state (a kill may fall between saving and logging)
+        if log_path is not None and writer:  # the log matches the state (a kill may fall between saving and logging)
             atomic_write_text("".join(json.dumps(record) + "\n" for record in result.history), log_path)
 
     epochs = progress_bar(range(result.epochs_completed, epochs_to_run), progress, desc="epochs",
@@ -261,6 +275,9 @@ def train_model(
             labels = labels.to(device)
             loss, logits = forward(images, labels)
             loss_value = loss.detach()
+            if ranks > 1:  # DDP averages the ranks' gradients: weigh each piece's mean by its share of the global batch
+                global_count = min(cfg.batch_size, train_images - step_in_epoch * cfg.batch_size)
+                loss = loss * (labels.shape[0] * ranks / global_count)
             first_bad = (bad_step < 0) & ~torch.isfinite(loss_value)
             bad_step = torch.where(first_bad, step_in_epoch, bad_step)
             bad_loss = torch.where(first_bad, loss_value, bad_loss)
@@ -273,28 +290,39 @@ def train_model(
         lr = rates[-1] if rates else learning_rate(first_step, total_steps, cfg.lr, cfg.schedule,
                                                    warmup_steps=warmup_steps, milestones=tuple(cfg.milestones),
                                                    gamma=cfg.gamma)
+        if ranks > 1:  # the epoch's sums over every rank's pieces
+            seen_total = torch.tensor(seen, dtype=torch.long, device=device)
+            for total in (correct, seen_total):
+                all_reduce_(total)
+            all_reduce_(loss_sum)
+            all_reduce_(bad_step, "max")
+            seen = int(seen_total)
         if int(bad_step) >= 0:  # stop before non-finite weights are saved as a "trained" model
             at = int(bad_step)
             raise TrainingError(
                 f"training loss is {float(bad_loss)} at epoch {epoch + 1}, step {at + 1} (lr {rates[at]:.4g}); "
                 f"lower the learning rate or check the data; the last finished epoch's state is kept"
             )
-        validation = evaluate(eval_model, eval_loader, data.num_classes, device)
+        validation = evaluate(eval_model, eval_loader, data.num_classes, device, sum_over_ranks=ranks > 1)
         result.seconds += time.perf_counter() - started
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
                   f"{eval_split}_loss": validation.loss, f"{eval_split}_accuracy": validation.accuracy,
                   "seconds": result.seconds}
         result.history.append(record)
         result.epochs_completed = epoch + 1
-        if state_file is not None:
+        if state_file is not None and writer:
+            # SyncBatchNorm's state has BatchNorm's keys: a state resumes on any number of ranks
             atomic_torch_save({"format": STATE_FORMAT, **expected, "epoch": epoch + 1, "seconds": result.seconds,
                                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "history": result.history}, state_file)
-        if log_path is not None:
+        barrier()  # no rank runs ahead of the saved state
+        if log_path is not None and writer:
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         epochs.set_postfix(val_acc=f"{validation.accuracy:.4f}", loss=f"{record['train_loss']:.3f}")
         if on_epoch is not None:
             on_epoch(record)
+    if synced:
+        from_sync_batchnorm_(model)
     model.eval()
     return result
