@@ -55,8 +55,10 @@ def test_torchvision_models_keep_torchvision_names_and_take_its_weights(tmp_path
         load_torchvision_weights(model, "resnet18", tmp_path / "missing.pt")
     with pytest.raises(ModelError, match="RGB images.*in_channels=1"):
         build_model("resnet18", 10, in_channels=1)
-    with pytest.raises(ModelError, match="width must be 1.0"):
-        build_model("mobilenet_v2", 10, width=0.5)
+    with pytest.raises(ModelError, match="width must be 1.0, got 0.5"):
+        build_model("resnet50", 10, width=0.5)
+    narrow = build_model("mobilenet_v2", 10, width=0.25)  # torchvision's width_mult
+    assert narrow.features[0][0].out_channels == 8 and count_parameters(narrow) < 0.2 * BUILDS["mobilenet_v2"][2]
 
 
 def test_width_multiplier_and_class_count():

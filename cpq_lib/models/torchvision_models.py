@@ -62,10 +62,13 @@ def build_torchvision(name: str, num_classes: int = IMAGENET_CLASSES, in_channel
     """torchvision's ``name`` (randomly initialised) for ``num_classes`` classes of RGB images."""
     if in_channels != 3:
         raise ModelError(f"{name} (torchvision) takes RGB images (in_channels 3), got in_channels={in_channels}")
-    if width != 1.0:
-        raise ModelError(f"{name} (torchvision) has no width multiplier here; width must be 1.0, got {width}")
     if kwargs:
-        raise ModelError(f"unknown argument(s) {sorted(kwargs)} for {name}; allowed: num_classes, mean, std")
+        raise ModelError(f"unknown argument(s) {sorted(kwargs)} for {name}; allowed: num_classes, mean, std, width")
+    if name == "mobilenet_v2":  # torchvision's width multiplier (0.35, 0.5, 0.75 are the published variants)
+        return _classes()[name](num_classes=num_classes, mean=mean, std=std, width_mult=width)
+    if width != 1.0:
+        raise ModelError(f"{name} (torchvision) has no width multiplier; width must be 1.0, got {width} "
+                         f"(mobilenet_v2 has one)")
     return _classes()[name](num_classes=num_classes, mean=mean, std=std)
 
 
