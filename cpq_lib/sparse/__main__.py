@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import check_output_folder, fail, integer_at_least, integer_between, positive_float
+from ..cli import check_output_folder, fail, integer_at_least, integer_between, parse_overrides, positive_float
 from ..config import PROFILES, make_config
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=integer_at_least(0), default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=integer_at_least(1), default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="profile override, e.g. data.image_size=160 or model.name=resnet50 (repeatable)")
     args = parser.parse_args(argv)
-    overrides = {"seed": args.seed, "device": args.device, **({"data.root": args.data_root} if args.data_root else {}),
-                 **({"threads": args.threads} if args.threads is not None else {})}
     try:  # everything is checked before data or models are loaded
+        overrides = {"seed": args.seed, "device": args.device, **({"data.root": args.data_root} if args.data_root else {}),
+                     **({"threads": args.threads} if args.threads is not None else {}), **parse_overrides(args.set)}
         config = make_config(args.profile, overrides)
         compression = CompressionConfig(sparsity=_sparsity(args.sparsity, args.layer_sparsity), scope=args.scope, pruning=args.pruning, prune_steps=args.prune_steps,
                                         prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
