@@ -10,6 +10,7 @@ in the final report, after everything else; searches get a view of the data with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -38,6 +39,7 @@ from .quant import BitPlan, QuantConfig, calibrate_, model_summary, quantize_
 from .quant.batchnorm import reestimate_bn_
 from .runtime import configure_for
 from .train import Distillation, train_model
+from .train.distributed import agree, barrier, is_writer, world
 from .train.evaluate import memory_format_of
 
 RECORD = "record.json"
@@ -137,18 +139,22 @@ def run_experiment(config: ExperimentConfig, run_dir: str | os.PathLike, *, shar
         raise ValueError(f"stale: {stale!r} is not allowed; choose one of {list(STALE_POLICIES)}")
     run = Path(run_dir)
     key = experiment_key(config)
-    record = _finished_record(run / RECORD, key, stale)
+    writer = is_writer()
+    record = agree(_finished_record(run / RECORD, key, stale) if writer else None)
     if record is not None:
         return record
     run.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(run / ".lock")):  # a second process on this run (a restarted sweep) waits, then reads
-        record = _finished_record(run / RECORD, key, stale)
+    # a second process on this run (a restarted sweep) waits, then reads; the ranks of one torchrun job
+    # run it together, rank 0 holding the lock and writing every file
+    with FileLock(str(run / ".lock")) if writer else contextlib.nullcontext():
+        record = agree(_finished_record(run / RECORD, key, stale) if writer else None)
         if record is not None:
             return record
-        if read_key_file(run / RECORD) != key:  # stages of another configuration or code: start over
+        if writer and read_key_file(run / RECORD) != key:  # stages of another configuration or code: start over
             for name in INTERMEDIATES:
                 (run / name).unlink(missing_ok=True)
             write_key_file(run / RECORD, key)
+        barrier()
         return _run_experiment(config, run, shared_dir, data, progress, key)
 
 
@@ -178,27 +184,32 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
     teacher, card = baseline_model(config, data, shared, progress=progress)
     teacher = teacher.to(device).eval()
     a = config.allocation
+    writer = is_writer()  # under torchrun: rank 0 scores, searches and reports; every rank refines (DDP)
     scores = None
-    if a.method in NEEDS_SCORES:
-        scores = class_scores(teacher, search_data, shared, images_per_class=a.images_per_class, seed=config.seed,
-                              settings=ScoreSettings(), device=device, progress=progress)
+    for turn in (True, False):  # rank 0 first (it fills the cache), then the others read it
+        if a.method in NEEDS_SCORES and writer == turn:
+            scores = class_scores(teacher, search_data, shared, images_per_class=a.images_per_class, seed=config.seed,
+                                  settings=ScoreSettings(), device=device, progress=progress)
+        barrier()
     student = quantized_student(teacher, config, search_data, device)
 
-    saved = _load_search(run / SEARCH)
-    if saved is None:
+    saved = _load_search(run / SEARCH) if writer else None
+    if writer and saved is None:
         result = run_search(student, config, search_data, scores, device, progress)
         saved = {"plan": result.plan.to_dict(), "trajectory": result.trajectory.to_dict("records"), "cost": result.cost,
                  "accuracy": result.accuracy, "details": result.details}
         atomic_write_json(json.loads(json.dumps(saved, default=float)), run / SEARCH)
+    barrier()
+    saved = saved if writer else _load_search(run / SEARCH)
     plan = BitPlan.from_dict(saved["plan"])
     before_path = run / BEFORE
-    if before_path.is_file():
-        student.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
-    else:
+    if writer and not before_path.is_file():
         plan.apply_(student)  # per-channel scales for the plan's bits (what the search evaluated)
         if a.bn_images:  # BatchNorm statistics for the plan, on the images the search re-estimated them on
             reestimate_bn_(student, bn_batches(search_data, a.bn_images, config.seed, device, memory_format_of(student)), device)
         atomic_torch_save(student.state_dict(), before_path)
+    barrier()
+    student.load_state_dict(torch.load(before_path, map_location=device, weights_only=True))
 
     refine = config.refine
     history: list[dict] = []
@@ -210,6 +221,9 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
                               state_key={"plan": plan_digest(plan)})
         history, refine_seconds = trained.history, trained.seconds
     student.eval()
+    if not writer:  # rank 0 reports and writes the record
+        barrier()
+        return read_record(record_path)
 
     # the final report: the only place the test split is read
     before = quantized_student(teacher, config, search_data, device)
@@ -229,8 +243,10 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
         "baseline": {"val_accuracy": card.get("val_accuracy"), "test_accuracy": card.get("test_accuracy")},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    results["refinement"]["ranks"] = world()[1]
     record = {**run_record(config, json.loads(json.dumps(results, default=float))), "artefact_key": key.to_dict()}
     atomic_write_json(record, record_path)
+    barrier()
     return record
 
 

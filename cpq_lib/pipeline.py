@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -21,7 +22,7 @@ from .models import build_model, load_checkpoint, load_pretrained, save_checkpoi
 from .models.torchvision_models import IMAGENET_CLASSES, TORCHVISION_MODELS, load_torchvision_weights
 from .provenance import code_fingerprint, environment_record
 from .train import evaluate, train_model
-from .train.distributed import barrier, is_writer
+from .train.distributed import agree, barrier, is_writer
 from .fileio import atomic_write_json
 
 
@@ -149,7 +150,9 @@ def baseline_model(config: ExperimentConfig, data: DataBundle, run_dir: str | os
         return model.to(device), card
     path = baseline_folder(run_dir, config.seed) / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / ".lock")):  # runs of a sweep in parallel processes train it once
+    # runs of a sweep in parallel processes train it once; the ranks of one torchrun job train it together
+    # (rank 0 holds the lock and decides whether the cached one is usable)
+    with FileLock(str(path.parent / ".lock")) if is_writer() else contextlib.nullcontext():
         return _cached_or_trained_baseline(config, data, path, progress)
 
 
@@ -173,13 +176,17 @@ def _torchvision_pretrained(config: ExperimentConfig, data: DataBundle) -> tuple
 def _cached_or_trained_baseline(config: ExperimentConfig, data: DataBundle, path: Path,
                                 progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     device = config.resolved_device()
-    if path.is_file():
+    usable = False
+    if is_writer() and path.is_file():
+        card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)[1]
+        usable = ArtefactKey.from_dict(card.get("artefact_key")) == baseline_key(config, data)
+        if not usable:
+            for stale in (path, path.parent / "state.pt", path.parent / "log.jsonl"):  # another run's: start over
+                stale.unlink(missing_ok=True)
+    if agree(usable):
         model, card = load_checkpoint(path, model=config.model.name, num_classes=data.num_classes)
-        if ArtefactKey.from_dict(card.get("artefact_key")) == baseline_key(config, data):
-            check_card_matches(card, data, path)
-            return model.to(device), card
-        for stale in (path, path.parent / "state.pt", path.parent / "log.jsonl"):  # another run's: start over
-            stale.unlink(missing_ok=True)
+        check_card_matches(card, data, path)
+        return model.to(device), card
     return train_baseline(config, data, path.parent, progress=progress, command="cpq_lib.pipeline.baseline_model", cache=True)
 
 

@@ -31,7 +31,9 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,6 +49,7 @@ from .jobs import EXECUTORS, Call, ExecutorSettings, raise_failures, run_calls
 from .pipeline import load_data
 from .cpu_env import set_portable_environment
 from .runtime import configure_for
+from .train.distributed import init_from_environment
 
 RESULTS = "results.csv"
 SHORT = {"allocation.method": "", "allocation.weight_bits": "W", "allocation.act_bits": "A", "seed": "s"}
@@ -126,7 +129,10 @@ def write_results(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str = "refuse") -> list[str]:
+def _run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str = "refuse",
+               ranks: int = 1) -> list[str]:
+    if ranks > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun_group(profile, runs, shared_dir, stale, ranks)
     data_cache: dict[str, Any] = {}
     done, failed = [], []
     for overrides, run_dir in runs:
@@ -136,6 +142,7 @@ def _run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir:
             if key not in data_cache and not (Path(run_dir) / RECORD).is_file():
                 configure_for(config)
                 data_cache[key] = load_data(config)
+            init_from_environment(config.resolved_device())  # under torchrun: join the job's ranks
             run_experiment(config, run_dir, shared_dir=shared_dir, data=data_cache.get(key), progress=False, stale=stale)
             done.append(str(Path(run_dir) / RECORD))
         except Exception as error:  # noqa: BLE001 - reported per run below, the others still run
@@ -143,6 +150,24 @@ def _run_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir:
     if failed:
         raise RuntimeError("; ".join(failed))
     return done
+
+
+def _torchrun_group(profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str, stale: str,
+                    ranks: int) -> list[str]:
+    """The group run by ``ranks`` processes under torchrun (one per GPU): each run's refinement is data
+    parallel, its other stages run on rank 0 (:func:`cpq_lib.experiment.run_experiment`)."""
+    Path(shared_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="group-", dir=shared_dir, delete=False) as handle:
+        json.dump({"profile": profile, "runs": runs, "shared_dir": shared_dir, "stale": stale}, handle)
+    try:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   "-m", "cpq_lib.sweep", "--group-file", handle.name]
+        done = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun with {ranks} ranks failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return [str(Path(run_dir) / RECORD) for _, run_dir in runs]
 
 
 class RunGroup(Checkpointable):
@@ -154,8 +179,8 @@ class RunGroup(Checkpointable):
     from its last checkpoint, so the call itself is the whole checkpoint."""
 
     def __call__(self, profile: str, runs: list[tuple[dict[str, Any], str]], shared_dir: str,
-                 stale: str = "refuse") -> list[str]:
-        return _run_group(profile, runs, shared_dir, stale)
+                 stale: str = "refuse", ranks: int = 1) -> list[str]:
+        return _run_group(profile, runs, shared_dir, stale, ranks)
 
 
 run_group = RunGroup()
@@ -190,8 +215,9 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         if any(config.deterministic for _, config in configs):
             set_portable_environment()  # jobs inherit it: pinned kernels before they import torch
         groups = [todo[k:k + settings.runs_per_job] for k in range(0, len(todo), settings.runs_per_job)]
+        ranks = settings.gpus_per_job if settings.gpus_per_job and settings.gpus_per_job > 1 else 1  # torchrun, one rank per GPU
         calls = [Call(",".join(i for i, _ in group), run_group,
-                      (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared), stale))
+                      (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared), stale, ranks))
                  for group in groups]
         failures = run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
         frame = write_results(out)
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out", required=True, help="sweep folder (runs/, shared/, results.csv)")
+    parser.add_argument("--out", help="sweep folder (runs/, shared/, results.csv)")
     parser.add_argument("--grid", action="append", default=[], metavar="AXIS", help="FIELD=V1,V2 (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every run")
     parser.add_argument("--no-progress", action="store_true")
@@ -241,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="shell line run before each job, e.g. 'source .venv/bin/activate' (repeatable)")
     jobs.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                       help="further sbatch option, e.g. qos=normal or constraint=h100 (repeatable)")
+    parser.add_argument("--group-file", help=argparse.SUPPRESS)  # a torchrun rank of a multi-GPU run (_torchrun_group)
     args = parser.parse_args(argv)
+    if args.group_file:
+        group = json.loads(Path(args.group_file).read_text(encoding="utf-8"))
+        _run_group(group["profile"], [(o, d) for o, d in group["runs"]], group["shared_dir"], group["stale"])
+        return 0
+    if not args.out:
+        parser.error("--out is required")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give a folder")
     base: dict[str, Any] = {"data.root": args.data_root} if args.data_root else {}

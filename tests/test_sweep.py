@@ -173,3 +173,40 @@ def test_a_run_group_checkpoints_as_itself_so_a_requeued_job_resumes_the_same_ru
     assert isinstance(again, DelayedSubmission) and isinstance(again.function, RunGroup)
     assert again.args == ("quick", runs, str(tmp_path / "shared")) and again.kwargs == {"stale": "refuse"}
     assert isinstance(pickle.loads(pickle.dumps(run_group)), RunGroup)  # pickled by reference into job folders
+
+
+@pytest.mark.slow
+def test_a_run_with_two_ranks_refines_data_parallel_and_writes_its_record_once(tmp_path, quick_baseline_dir):
+    """``--gpus-per-run 2``: the job starts torchrun with one rank per GPU (here 2 CPU ranks, gloo). Rank 0
+    searches and reports; both refine. Refinement on 2 ranks is data parallel: the same global batches,
+    BatchNorm statistics per rank, so its numbers are close to, not equal to, one process's."""
+    from cpq_lib.experiment import read_record
+    from cpq_lib.sweep import _run_group
+
+    shutil.copytree(quick_baseline_dir, tmp_path / "shared" / "baseline")
+    overrides = {"allocation.method": "uniform", "refine.epochs": 1}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _run_group("quick", [(overrides, one)], str(tmp_path / "shared")) == [one + "/record.json"]
+    assert _run_group("quick", [(overrides, two)], str(tmp_path / "shared"), ranks=2) == [two + "/record.json"]
+    single, double = read_record(one + "/record.json"), read_record(two + "/record.json")
+    assert single["results"]["refinement"]["ranks"] == 1 and double["results"]["refinement"]["ranks"] == 2
+    assert double["results"]["plan"] == single["results"]["plan"]  # the search ran once, on rank 0, as in one process
+    assert double["results"]["before_refinement"] == single["results"]["before_refinement"]
+    history = double["results"]["refinement"]["history"]
+    assert len(history) == 1 and abs(history[0]["val_accuracy"] - single["results"]["refinement"]["history"][0]["val_accuracy"]) < 0.05
+    assert not list((tmp_path / "shared").glob("group-*.json"))  # the rank's group file is removed
+    started = os.path.getmtime(two + "/record.json")
+    _run_group("quick", [(overrides, two)], str(tmp_path / "shared"), ranks=2)  # finished: read, not run again
+    assert os.path.getmtime(two + "/record.json") == started
+
+
+def test_a_sweep_with_several_gpus_per_run_gives_its_jobs_one_rank_per_gpu(tmp_path, monkeypatch):
+    import cpq_lib.sweep as sweep
+    from cpq_lib.jobs import ExecutorSettings
+
+    submitted = []
+    monkeypatch.setattr(sweep, "run_calls", lambda calls, *args, **kwargs: submitted.append(calls) or [])
+    axes = [parse_axis("allocation.method=uniform,classpath")]
+    for gpus, ranks in ((2, 2), (1, 1), (None, 1)):
+        run_sweep("quick", axes, tmp_path / f"g{gpus}", progress=False, executor=ExecutorSettings(kind="slurm", gpus_per_job=gpus))
+        assert [call.args[-1] for call in submitted[-1]] == [ranks, ranks]  # RunGroup(..., ranks): torchrun when > 1

@@ -54,6 +54,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(value):
+    """Rank 0's ``value`` on every rank: decisions every rank must take alike (is a cached file usable?)."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # pickled between this job's own ranks, never from a file
+    return box[0]
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) ``tensor`` over the ranks in place; nothing for one process."""
     if world()[1] > 1:
