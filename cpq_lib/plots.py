@@ -606,3 +606,20 @@ def compression_bars(sizes: pd.DataFrame, accuracy: Mapping[str, float], title: 
     ax.set(ylabel="compression ratio vs fp32")
     _legend_below(fig, ncol=len(coders))
     return _finish(fig, title)
+
+
+def memory_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Peak resident memory of the same stages against the number of images, per data path (``images``,
+    ``peak_rss_mb``, ``path``): a lazily read data set stays flat, one decoded into memory grows with it."""
+    fig, axes = new_figure("single")
+    ax = axes[0, 0]
+    for index, (path, rows) in enumerate(frame.sort_values("images").groupby("path", sort=False)):
+        ax.plot(rows["images"], rows["peak_rss_mb"], label=path, **_style(index))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sorted(frame["images"].unique()))
+    ax.set(xlabel="images in the data set", ylabel="peak resident memory (MB)")
+    ax.set_ylim(bottom=0)
+    _legend_below(fig, ncol=2)
+    return _finish(fig, title)

@@ -156,3 +156,12 @@ def test_bench_hessian_records_trace_cost_against_a_validation_pass(bench, cifar
     assert record["validation_images"] == 50 and record["trace_images"] == 20
     assert record["cost"]["hawq"] == {"estimates": 1, "probes": 2, "hessian_vector_products": 2, "converged": False}
     assert record["cost"]["hawq_class"]["estimates"] == 10 and record["ratio_vs_validation_pass"]["hawq"] > 0
+
+
+def test_bench_memory_measures_both_data_paths_in_their_own_processes(bench, tmp_path):
+    record = bench("bench_memory", "--images", "240", "480", "--image-size", "16", "--method", "uniform")
+    assert {(row["path"], row["images"]) for row in record["rows"]} == {
+        (path, images) for path in ("read lazily (Dataset)", "decoded in memory") for images in (240, 480)}
+    assert all(row["peak_rss_mb"] > 50 and row["evaluations"] >= 1 for row in record["rows"])
+    assert set(record["growth"]) == {"read lazily (Dataset)", "decoded in memory"}
+    assert (tmp_path / "bench_memory.png").is_file()

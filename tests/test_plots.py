@@ -107,6 +107,9 @@ CASES = {
     "before_after": lambda: plots.before_after(_runs()),
     "accuracy_vs_granularity": lambda: plots.accuracy_vs_granularity(_ptqsl(), 0.9),
     "pipeline_accuracy": lambda: plots.pipeline_accuracy(_stages()),
+    "memory_vs_size": lambda: plots.memory_vs_size(pd.DataFrame({
+        "images": [600, 6000, 600, 6000], "peak_rss_mb": [690.0, 700.0, 720.0, 1310.0],
+        "path": ["read lazily (Dataset)", "read lazily (Dataset)", "decoded in memory", "decoded in memory"]})),
     "mixture_histogram": lambda: plots.mixture_histogram(np.concatenate([RNG.normal(-0.1, 0.02, 500), RNG.normal(0.1, 0.02, 500)]),
                                                          [-0.1, 0.1], [0.02, 0.02], [0.5, 0.5], np.array([-0.125, -0.0625, 0.0625, 0.125])),
     "compression_bars": lambda: plots.compression_bars(
