@@ -230,6 +230,7 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
         if key not in data_cache and not (out / "runs" / identifier / RECORD).is_file():
             configure_for(config)  # before anything computes
             data_cache[key] = load_data(config)
+        init_from_environment(config.resolved_device())  # under torchrun: join the ranks (refinement is data parallel)
         run_experiment(config, out / "runs" / identifier, shared_dir=shared, data=data_cache.get(key), progress=progress,
                        stale=stale)
 

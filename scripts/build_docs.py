@@ -3,7 +3,7 @@
     python scripts/build_docs.py [OUT (default site/)] [--serve]
 
 mkdocs reads one source folder, so the pages are staged with the repository's own layout (README.md as
-the home page, docs/, notebooks/, figures/, results/README.md): every relative link and image of the
+the home page, docs/, notebooks/, figures/, results/README.md, the benchmarks' figures): every relative link and image of the
 README keeps working on the site. mkdocs-jupyter renders the notebooks with their stored outputs.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = ["reproducibility", "data", "options", "allocation", "ptqsl", "focused", "deploy", "gpu", "benchmarks"]
+PAGES = ["reproducibility", "data", "imagenet", "options", "allocation", "ptqsl", "focused", "deploy", "gpu", "benchmarks"]
 
 
 def config(staged: Path, out: Path) -> str:
@@ -54,6 +54,9 @@ def stage(folder: Path) -> None:
     for notebook in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         shutil.copy(notebook, folder / "notebooks" / notebook.name)
     shutil.copytree(REPO / "figures", folder / "figures")
+    (folder / "benchmarks" / "results").mkdir(parents=True)  # the benchmarks' figures (docs link to them)
+    for figure in sorted((REPO / "benchmarks" / "results").glob("*.png")):
+        shutil.copy(figure, folder / "benchmarks" / "results" / figure.name)
     (folder / "results" / "cifar10").mkdir(parents=True)
     shutil.copy(REPO / "results" / "cifar10" / "README.md", folder / "results" / "cifar10" / "README.md")
 
