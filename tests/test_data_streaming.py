@@ -100,6 +100,8 @@ def test_imagenet_folder_of_mixed_sizes_is_read_lazily(folder, tmp_cache):
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.get_default_dtype()
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     evaluation = torch.cat([x for x, _ in bundle.eval_loader("val", 20)])
+    kept = ready_batches(bundle.val, 20)  # ToTensor's k/255 pixels: kept as uint8, the same floats on every pass
+    assert kept.kept[0][0].dtype == torch.uint8 and torch.equal(torch.cat([x for x, _ in kept]), evaluation)
     assert torch.equal(evaluation, torch.cat([x for x, _ in bundle.eval_loader("val", 7)]))  # centre crops: no randomness
     assert len(bundle.per_class_loader(3).part) == 30 and len(bundle.calibration_loader(40).part) == 40
     search = bundle.for_search()
@@ -150,9 +152,15 @@ def test_your_own_datasets_make_a_bundle(tmp_path):
     assert given.sizes() == {"train": 60, "val": 9, "test": 12}
     estimated = bundle_from_datasets("mine", ["a", "b", "c"], train, test).channel_stats()
     assert 0.3 < estimated[0][0] < 0.7  # estimated on training images
-    batches = ready_batches(bundle.val, 4)
-    first, second = [torch.cat([y for _, y in batches]) for _ in range(2)]  # re-read on every pass
-    assert torch.equal(first, second) and len(first) == 15
+    streamed = ready_batches(bundle.val, 4, cache_bytes=0)  # too large to keep: decoded again on every pass
+    reads = train.reads
+    first, second = [torch.cat([y for _, y in streamed]) for _ in range(2)]
+    assert torch.equal(first, second) and len(first) == 15 and train.reads == reads + 30
+    kept = ready_batches(bundle.val, 4)  # small: read once, kept (as floats: these are not k/255 pixels)
+    reads = train.reads
+    passes = [torch.cat([x for x, _ in kept]) for _ in range(2)]
+    assert torch.equal(passes[0], passes[1]) and passes[0].dtype == torch.get_default_dtype() and train.reads == reads
+    assert torch.equal(torch.cat([y for _, y in kept]), first)
     with pytest.raises(DataError, match=r"labels must lie in 0..1"):
         bundle_from_datasets("mine", ["a", "b"], train, test)
     with pytest.raises(DataError, match="both mean and std"):

@@ -51,6 +51,9 @@ def part_loader(part: Part, batch_size: int, *, shuffle: bool = False, augment: 
     return part.loader(batch_size, shuffle=shuffle, augment=augment is not None, seed=seed, device=device, shard=shard)
 
 
+READY_CACHE_BYTES = 2 * 2**30  # a lazily read subset read many times is kept in memory up to this size
+
+
 class _StreamedBatches:
     """A lazily read part's batches, read again on every pass, moved to ``device`` in ``memory_format``."""
 
@@ -65,18 +68,51 @@ class _StreamedBatches:
             yield images.to(self.device).contiguous(memory_format=self.memory_format), labels.to(self.device)
 
 
+def _as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``images`` as uint8 when they are exactly k/255 (what ToTensor gives), else as they are."""
+    codes = images * 255.0
+    rounded = codes.round()
+    if torch.equal(codes, rounded) and float(rounded.min()) >= 0 and float(rounded.max()) <= 255:
+        return rounded.to(torch.uint8)
+    return images
+
+
 def ready_batches(part: Part, batch_size: int, device: str | torch.device = "cpu",
-                  memory_format: torch.memory_format = torch.contiguous_format):
+                  memory_format: torch.memory_format = torch.contiguous_format, cache_bytes: int = READY_CACHE_BYTES):
     """Batches a stage reads many times (a search's validation subset, BatchNorm re-estimation images).
 
     In memory: float tensors made once, kept on ``device`` (a search evaluates hundreds of plans on
-    them). Read lazily: a re-iterable that decodes on every pass, so memory stays flat however large
-    the subset is."""
+    them). Read lazily: decoded once and kept as pixels (uint8 where the images are ToTensor's k/255, 4x
+    smaller than floats) when the subset fits in ``cache_bytes``, else a re-iterable that decodes on
+    every pass. Either way memory does not grow with the data set, only with the subset."""
     device = torch.device(device)
     if isinstance(part, ImageTensors):
         return [(part.images[i:i + batch_size].to(torch.get_default_dtype()).div_(255.0).to(device).contiguous(memory_format=memory_format),
                  part.labels[i:i + batch_size].to(device)) for i in range(0, len(part), batch_size)]
-    return _StreamedBatches(part.loader(batch_size), device, memory_format)
+    kept, size = [], 0
+    for images, labels in part.loader(batch_size):
+        pixels = _as_pixels(images)
+        size += pixels.element_size() * pixels.numel()
+        if size > cache_bytes:
+            return _StreamedBatches(part.loader(batch_size), device, memory_format)
+        kept.append((pixels, labels))
+    return _KeptBatches([(pixels.to(device), labels.to(device)) for pixels, labels in kept], memory_format)
+
+
+class _KeptBatches:
+    """Decoded batches kept on their device as pixels, made float batch by batch on every pass."""
+
+    def __init__(self, kept: list[tuple[torch.Tensor, torch.Tensor]], memory_format: torch.memory_format) -> None:
+        self.kept, self.memory_format = kept, memory_format
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __iter__(self):
+        dtype = torch.get_default_dtype()
+        for pixels, labels in self.kept:
+            images = pixels.to(dtype).div_(255.0) if pixels.dtype == torch.uint8 else pixels
+            yield images.contiguous(memory_format=self.memory_format), labels
 
 
 def first_images(part: Part, count: int) -> torch.Tensor:
