@@ -288,7 +288,7 @@ def load_dataset(
         if root is None:
             raise DataError("data set 'imagenet' needs a root: a folder with train/<class>/* and val/<class>/* "
                             "(ImageNet's layout), a zip of one, or a root prepared by torchvision.datasets.ImageNet")
-        train_all, test, classes, source_record = read_imagenet_folder(root, image_size, workers)
+        train_all, test, classes, source_record = read_imagenet_folder(root, image_size, workers, pin_memory=True)  # pinned on CUDA only
         return _split_bundle(name, classes, train_all, test, val_fraction, split_seed, Augment(pad=0, flip=False), source_record)
     source = _read_source(name, root, download)
     expected = EXPECTED_CLASS_COUNT.get(name)
