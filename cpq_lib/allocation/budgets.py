@@ -28,7 +28,7 @@ class BitopsModel:
 def bitops_model(evaluator: SearchEvaluator) -> BitopsModel:
     """The evaluator's model's BitOPs per sample, from one forward of one validation image."""
     model = evaluator.model
-    calls = layer_calls(model, evaluator.batches[0][0][:1])
+    calls = layer_calls(model, next(iter(evaluator.batches))[0][:1])
     quantized = dict(quantized_layers(model))
     per_layer = []
     for name in evaluator.space.names:
