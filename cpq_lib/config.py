@@ -101,7 +101,8 @@ class AllocationConfig:
     weight_bits: float = _f(2.0, min=0.5, max=16.0)  # target average weight bits (plus slack)
     act_bits: int | None = _f(2, min=1, max=16)
     slack: float = _f(0.06, min=0.0, max=0.99)
-    max_gbitops: float | None = _f(None, min=1e-6, max=1e9)  # also a BitOPs budget (GBitOPs per sample; hawq allocators)
+    max_gbitops: float | None = _f(None, min=1e-6, max=1e9)  # also a BitOPs budget (GBitOPs per sample; every allocator)
+    max_bytes: float | None = _f(None, min=1.0, max=1e13)     # also a size budget (stored bytes; every allocator)
     search_images: int | None = _f(None, min=10)  # validation images a search evaluates on (None: all)
     bn_images: int = _f(512, min=0)                # training images each evaluated plan re-estimates BatchNorm on (0: off)
     calibration_images: int = _f(512, min=1)       # training images for activation scales

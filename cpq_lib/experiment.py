@@ -110,7 +110,7 @@ def run_search(student: nn.Module, config: ExperimentConfig, data: SearchData, s
                progress: bool) -> AllocationResult:
     a = config.allocation
     evaluator = SearchEvaluator(student, data, a.search_images, seed=config.seed, device=device, bn_images=a.bn_images)
-    target = Target(a.weight_bits, a.act_bits, a.slack, a.max_gbitops)
+    target = Target(a.weight_bits, a.act_bits, a.slack, a.max_gbitops, a.max_bytes)
     return allocate(a.method, evaluator, target, scores=scores, seed=config.seed, progress=progress, **search_knobs(config))
 
 

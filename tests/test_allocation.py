@@ -320,25 +320,55 @@ def test_allocators_that_spend_the_budget_land_within_0_01_of_its_maximum(search
         assert ("†" in line) == (highest - row["average_bits"] > 0.01 + 1e-12), line
 
 
-@pytest.mark.parametrize("method", ["hawq", "hawq_channel"])
-def test_hawq_honours_a_bitops_budget_and_the_others_refuse_one(search, method):
-    from cpq_lib.allocation.budgets import bitops_model
+def test_the_bitops_and_size_models_are_the_layer_tables(search):
+    from cpq_lib.allocation.budgets import bitops_model, size_model
     from cpq_lib.quant import model_summary
+
+    student, data, _ = search
+    evaluator = SearchEvaluator(copy.deepcopy(student), data, bn_images=64)
+    example = next(iter(evaluator.batches))[0][:1]
+    for bits in (evaluator.space.uniform(3), torch.randint(1, 7, (evaluator.space.size,), generator=torch.Generator().manual_seed(1))):
+        applied = copy.deepcopy(student)
+        evaluator.space.to_plan(bits, 4).apply_(applied)
+        summary = model_summary(applied, example)
+        assert bitops_model(evaluator).gbitops(bits) * 1e9 == pytest.approx(summary["bitops"], rel=1e-9)
+        assert size_model(evaluator).bytes(bits) == pytest.approx(summary["size_bytes"], rel=1e-12)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOCATORS))
+def test_every_allocator_honours_a_bitops_budget(search, method):
+    from cpq_lib.allocation.budgets import bitops_model
 
     student, data, scores = search
     evaluator = SearchEvaluator(copy.deepcopy(student), data, bn_images=64)
     model = bitops_model(evaluator)
-    at_uniform = model.gbitops(evaluator.space.uniform(3))
-    applied = copy.deepcopy(student)
-    evaluator.space.to_plan(evaluator.space.uniform(3), 4).apply_(applied)  # the linear model is the layer table's BitOPs
-    assert at_uniform * 1e9 == pytest.approx(model_summary(applied, evaluator.batches[0][0][:1])["bitops"], rel=1e-9)
-    limit = 0.8 * at_uniform  # binding: below what 3 bits everywhere costs, with room in the average-bit budget
-    result = allocate(method, evaluator, Target(3.0, 4, max_gbitops=limit), progress=False)
+    # binding: the quantized layers at 80% of their BitOPs at 3 bits everywhere (the float layers' share is fixed),
+    # with room in the average bits
+    limit = (model.constant + 0.8 * (model.gbitops(evaluator.space.uniform(3)) * 1e9 - model.constant)) / 1e9
+    result = allocate(method, evaluator, Target(3.0, 4, max_gbitops=limit), scores=scores, progress=False,
+                      **({"sparsities": [0.5]} if method.startswith("classpath") else {}))
     spent = model.gbitops(evaluator.space.from_plan(result.plan))
     assert spent <= limit and result.plan.meta["gbitops"] == pytest.approx(spent)
-    assert spent >= 0.95 * limit  # the binding budget is (nearly) spent
     assert result.plan.meta["average_bits"] <= 3.06
-    with pytest.raises(AllocationError, match="allocator 'uniform' cannot take a BitOPs budget"):
-        allocate("uniform", evaluator, Target(3.0, 4, max_gbitops=limit), progress=False)
+    if method in SPENDS_THE_BUDGET:
+        assert spent >= 0.95 * limit  # the binding budget is (nearly) spent
+
+
+@pytest.mark.parametrize("method", ["uniform", "random", "sensitivity", "hawq_channel", "classpath"])
+def test_allocators_honour_a_size_budget(search, method):
+    from cpq_lib.allocation.budgets import size_model
+
+    student, data, scores = search
+    evaluator = SearchEvaluator(copy.deepcopy(student), data, bn_images=64)
+    model = size_model(evaluator)
+    limit = model.constant + 0.85 * (model.bytes(evaluator.space.uniform(3)) - model.constant)
+    result = allocate(method, evaluator, Target(3.0, 4, max_bytes=limit), scores=scores, progress=False,
+                      **({"sparsities": [0.5]} if method.startswith("classpath") else {}))
+    spent = model.bytes(evaluator.space.from_plan(result.plan))
+    assert spent <= limit and result.plan.meta["bytes"] == pytest.approx(spent, abs=1e-3)
+    if method in SPENDS_THE_BUDGET:
+        assert spent >= 0.95 * limit
+    with pytest.raises(AllocationError, match="max_bytes must be a positive number"):
+        Target(3.0, 4, max_bytes=-1)
     with pytest.raises(AllocationError, match="max_gbitops must be a positive number"):
         Target(3.0, 4, max_gbitops=0)

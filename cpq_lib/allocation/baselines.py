@@ -17,15 +17,20 @@ import math
 import torch
 
 
+import numpy as np
+
+from .budgets import ChannelBudget, extra_budgets, within
 from .evaluator import SearchEvaluator
 from .search import AllocationResult, SearchLog
+from .solver import Budget, solve_assignment
 from .space import AllocationError, Target
 
 
-def fill_to_budget(space, bits: torch.Tensor, limit: float, high: int) -> torch.Tensor:
+def fill_to_budget(space, bits: torch.Tensor, limit: float, high: int, extra: list[ChannelBudget] = ()) -> torch.Tensor:
     """Spend what is left of the budget from below: raise whole layers to ``high`` bits, largest layer first,
-    while the average stays at most ``limit``; then, if a layer does not fit whole, its channels in index
-    order (so every allocator spends about the same budget; see the comparison's equal-budget rule)."""
+    while the average stays at most ``limit`` (and every ``extra`` budget holds); then, if a layer does not
+    fit whole, its channels in index order (so every allocator spends about the same budget; see the
+    comparison's equal-budget rule)."""
     bits = bits.clone()
     weights = space.weights()
     total = float(weights.sum())
@@ -33,15 +38,19 @@ def fill_to_budget(space, bits: torch.Tensor, limit: float, high: int) -> torch.
     order = sorted(range(len(space.names)), key=lambda i: (-space.channels[i] * space.params_per_channel[i], i))
     for index in order:
         rows = slice(space.offsets[index], space.offsets[index + 1])
-        extra = float(((high - bits[rows]).clamp_min(0).double() * weights[rows]).sum())
-        if extra > 0 and spent + extra <= limit * total + 1e-9:
-            bits[rows] = torch.clamp_min(bits[rows], high)
-            spent += extra
+        added = float(((high - bits[rows]).clamp_min(0).double() * weights[rows]).sum())
+        if added > 0 and spent + added <= limit * total + 1e-9:
+            trial = bits.clone()
+            trial[rows] = torch.clamp_min(bits[rows], high)
+            if within(extra, trial):
+                bits, spent = trial, spent + added
     for channel in range(space.size):
-        extra = float(max(0, high - int(bits[channel])) * weights[channel])
-        if extra > 0 and spent + extra <= limit * total + 1e-9:
-            bits[channel] = high
-            spent += extra
+        added = float(max(0, high - int(bits[channel])) * weights[channel])
+        if added > 0 and spent + added <= limit * total + 1e-9:
+            trial = bits.clone()
+            trial[channel] = high
+            if within(extra, trial):
+                bits, spent = trial, spent + added
     return bits
 
 
@@ -49,8 +58,13 @@ def uniform(evaluator: SearchEvaluator, target: Target, *, progress: bool = True
     """The same bits everywhere; the rest of the budget (up to its maximum, the target plus slack) raises
     whole layers, largest first, to the next width, then single channels (:func:`fill_to_budget`)."""
     space = evaluator.space
+    extra = extra_budgets(evaluator, target)
     low = max(1, math.floor(target.max_bits + 1e-9))
-    bits = fill_to_budget(space, space.uniform(low), target.max_bits, low + 1)
+    while low > 1 and not within(extra, space.uniform(low)):  # a BitOPs or size budget tighter than the bits
+        low -= 1
+    if not within(extra, space.uniform(low)):
+        raise AllocationError(f"uniform allocation cannot meet the budgets with {low} bit(s) everywhere")
+    bits = fill_to_budget(space, space.uniform(low), target.max_bits, low + 1, extra)
     log = SearchLog(evaluator, "uniform", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", f"{space.average(bits):.3f} bits")
     return log.result("uniform", bits, target, accuracy, {})
@@ -62,6 +76,7 @@ def random_bits(evaluator: SearchEvaluator, target: Target, *, seed: int = 0, sp
     nudged channel by random channel until the average lies within the budget, then random channels
     raised while they fit, so the budget is spent up to its maximum (seeded)."""
     space = evaluator.space
+    extra = extra_budgets(evaluator, target)
     generator = torch.Generator().manual_seed(seed)
     centre = max(min_bits, round(target.weight_bits))
     low, high = max(min_bits, centre - spread), centre + spread
@@ -69,7 +84,7 @@ def random_bits(evaluator: SearchEvaluator, target: Target, *, seed: int = 0, sp
     weights = space.weights()
     total = float(weights.sum())
     average = float((bits.double() * weights).sum()) / total
-    while average > target.max_bits:  # too many bits: lower random channels that can go lower
+    while average > target.max_bits or not within(extra, bits):  # too many bits: lower random channels that can go lower
         candidates = torch.nonzero(bits > low).flatten()
         if candidates.numel() == 0:
             raise AllocationError(f"random allocation cannot reach {target.max_bits:.2f} bits with at least {low} per channel")
@@ -77,7 +92,10 @@ def random_bits(evaluator: SearchEvaluator, target: Target, *, seed: int = 0, sp
         bits[pick] -= 1
         average -= float(weights[pick]) / total
     while True:  # room left: raise random channels while they fit under the budget's maximum
-        candidates = torch.nonzero((bits < high) & (average + weights / total <= target.max_bits + 1e-12)).flatten()
+        fits = (bits < high) & (average + weights / total <= target.max_bits + 1e-12)
+        for budget in extra:
+            fits &= budget.spent(bits) + budget.per_bit <= budget.limit * (1 + 1e-12)
+        candidates = torch.nonzero(fits).flatten()
         if candidates.numel() == 0:
             break
         pick = int(candidates[torch.randint(candidates.numel(), (1,), generator=generator)])
@@ -108,13 +126,17 @@ def sensitivity(evaluator: SearchEvaluator, target: Target, *, start_bits: int |
             rise[index, b] = loss - base_loss
     params = [space.channels[i] * space.params_per_channel[i] for i in range(len(space.names))]
     budget = target.max_bits * sum(params)
-    options = [[(b * params[i], rise[i, b], b) for b in candidates] for i in range(len(space.names))]
-    layer_bits = pareto_knapsack(options, budget)
+    extra = extra_budgets(evaluator, target)
+    if extra:  # several budgets: the same exact choice as an integer program
+        layer_bits = _layer_choice_under(space, rise, candidates, budget, extra, target)
+    else:
+        options = [[(b * params[i], rise[i, b], b) for b in candidates] for i in range(len(space.names))]
+        layer_bits = pareto_knapsack(options, budget)
     if layer_bits is None:
         raise AllocationError(f"sensitivity allocation cannot reach {target.max_bits:.2f} bits with {min_bits} bits per layer")
 
     bits = torch.cat([torch.full((space.channels[i],), layer_bits[i], dtype=torch.long) for i in range(len(space.names))])
-    bits = spend_by_sensitivity(space, bits, layer_bits, rise, target.max_bits, start)
+    bits = spend_by_sensitivity(space, bits, layer_bits, rise, target.max_bits, start, extra)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     table = {f"{space.names[i]}@{b}": round(v, 6) for (i, b), v in rise.items()}
     return log.result("sensitivity", bits, target, accuracy,
@@ -122,12 +144,31 @@ def sensitivity(evaluator: SearchEvaluator, target: Target, *, start_bits: int |
                       {"loss_rise": table, "layer_bits": dict(zip(space.names, layer_bits))})
 
 
+def _layer_choice_under(space, rise: dict[tuple[int, int], float], widths: list[int], bits_budget: float,
+                        extra: list[ChannelBudget], target: Target) -> list[int] | None:
+    """One width per layer minimising the summed loss rise under the average-bits and ``extra`` budgets
+    (the integer program of :mod:`cpq_lib.allocation.solver`; None when nothing fits)."""
+    groups = len(space.names)
+    omega = np.array([[rise[i, b] for b in widths] for i in range(groups)])
+    costs = [Budget("average weight bits", np.array([[space.channels[i] * space.params_per_channel[i] * b for b in widths]
+                                                      for i in range(groups)], dtype=np.float64), bits_budget)]
+    for budget in extra:
+        per_layer = [float(budget.per_bit[space.offsets[i]:space.offsets[i + 1]].sum()) for i in range(groups)]
+        costs.append(Budget(budget.name, np.array([[p * b for b in widths] for p in per_layer]), budget.limit))
+    try:
+        choice = solve_assignment(omega, costs).choice
+    except AllocationError:
+        return None
+    return [widths[k] for k in choice]
+
+
 def spend_by_sensitivity(space, bits: torch.Tensor, layer_bits: list[int], rise: dict[tuple[int, int], float],
-                         limit: float, top: int) -> torch.Tensor:
+                         limit: float, top: int, extra: list[ChannelBudget] = ()) -> torch.Tensor:
     """Spend what the per-layer choice leaves of the budget (with few, unequal layers it can be a lot):
     raise channels of the layer whose next width saves the most measured loss per added bit, first
-    channels first, one layer after another, while the average stays at most ``limit``. A part of a
-    layer raised counts as that part of the layer's loss saving (the additive model, interpolated)."""
+    channels first, one layer after another, while the average stays at most ``limit`` (and every
+    ``extra`` budget holds). A part of a layer raised counts as that part of the layer's loss saving
+    (the additive model, interpolated)."""
     bits = bits.clone()
     weights = space.weights()
     total = float(weights.sum())
@@ -141,6 +182,9 @@ def spend_by_sensitivity(space, bits: torch.Tensor, layer_bits: list[int], rise:
             if spent + float(weights[channel]) > limit * total + 1e-9:
                 break
             bits[channel] += 1
+            if not within(extra, bits):
+                bits[channel] -= 1
+                break
             spent += float(weights[channel])
     return bits
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..classpath import ClassScores
+from .budgets import extra_budgets, within
 from .evaluator import SearchEvaluator
 from .search import AllocationResult, SearchLog
 from .space import AllocationError, Target
@@ -72,7 +73,8 @@ def class_count(evaluator: SearchEvaluator, target: Target, *, scores: ClassScor
                 return position
         return None
 
-    while space.average(bits) > target.max_bits:
+    extra = extra_budgets(evaluator, target)
+    while space.average(bits) > target.max_bits or not within(extra, bits):
         options = []
         for k in range(levels):
             position = next_position(k)

@@ -44,6 +44,7 @@ import torch
 from ..classpath import (
     UNIMPORTANT, ClassScores, CriticalPaths, class_order, critical_paths, interference_matrix, jaccard_matrix, random_paths,
 )
+from .budgets import ChannelBudget, extra_budgets, within
 from .evaluator import SearchEvaluator
 from .search import AllocationResult, SearchLog
 from .space import AllocationError, Target
@@ -158,7 +159,8 @@ def search_order(paths: CriticalPaths, scores: ClassScores, sparsity: float, set
 
 
 def _search_one(evaluator: SearchEvaluator, target: Target, scores: ClassScores, sparsity: float,
-                settings: ClassPathSettings, start: int, seed: int, log: SearchLog) -> tuple[torch.Tensor, float, dict]:
+                settings: ClassPathSettings, start: int, seed: int, log: SearchLog,
+                extra: list[ChannelBudget] = ()) -> tuple[torch.Tensor, float, dict]:
     space = evaluator.space
     paths = search_paths(scores, space.names, sparsity, settings, seed)
     masks = torch.cat([paths.masks[name] for name in space.names], dim=1)  # (classes, quantized channels)
@@ -186,12 +188,18 @@ def _search_one(evaluator: SearchEvaluator, target: Target, scores: ClassScores,
     def average() -> float:
         return space.average(current())
 
+    def under() -> bool:  # the reference's test, "average below the target", and every other budget of the target
+        return average() < target.max_bits and within(extra, current())
+
+    def over() -> bool:
+        return average() > target.max_bits or not within(extra, current())
+
     tag = f"s={sparsity:g}"
     accuracy, _, _ = log.try_bits(current(), f"{tag} start", f"every class at {start} bits")
     chance = 1.0 / scores.num_classes
     acc0 = accuracy
     required = t1_threshold = settings.t1 * (acc0 - chance) + chance
-    done = average() < target.max_bits
+    done = under()
     # phase 1: class by class in search order; ends as soon as the average is below the budget
     for name in order:
         if done:
@@ -200,7 +208,7 @@ def _search_one(evaluator: SearchEvaluator, target: Target, scores: ClassScores,
             shift(name, -1)
             trial, _, _ = log.try_bits(current(), f"{tag} phase 1", f"{name} -> {bits_of(name)} bits")
             log.rows[-1]["threshold"] = required
-            if average() < target.max_bits:
+            if under():
                 accuracy, done = trial, True
                 break
             if trial < required:  # undo, relax the threshold, next class
@@ -210,7 +218,7 @@ def _search_one(evaluator: SearchEvaluator, target: Target, scores: ClassScores,
                 break
             accuracy = trial
     # phase 2: one bit at a time from the lowest (or highest) class, in search order, until the budget holds
-    while average() > target.max_bits:
+    while over():
         movable = [name for name in order if bits_of(name) > max(floor_of(name), 1 if settings.phase2 == "lowest_first" else 0)]
         if not movable:
             raise AllocationError(f"sparsity {sparsity}: every class is at its minimum and {average():.3f} "
@@ -227,7 +235,7 @@ def _search_one(evaluator: SearchEvaluator, target: Target, scores: ClassScores,
             if bits_of(name) >= start:
                 continue
             shift(name, +1)
-            if average() <= target.max_bits:
+            if average() <= target.max_bits and within(extra, current()):
                 trial, _, _ = log.try_bits(current(), f"{tag} fill", f"{name} -> {bits_of(name)} bits")
                 log.rows[-1]["accepted"] = False
                 options.append((trial, -order.index(name), name, len(log.rows) - 1))
@@ -254,9 +262,10 @@ def classpath(evaluator: SearchEvaluator, target: Target, *, scores: ClassScores
         raise AllocationError(f"floors (min_bits {settings.min_bits}, unimportant_min_bits {settings.unimportant_min_bits}) "
                               f"must not exceed the start bits {start}")
     log = SearchLog(evaluator, "class paths", progress)
+    extra = extra_budgets(evaluator, target)
     candidates = []
     for sparsity in settings.sparsities:
-        bits, accuracy, details = _search_one(evaluator, target, scores, float(sparsity), settings, start, seed, log)
+        bits, accuracy, details = _search_one(evaluator, target, scores, float(sparsity), settings, start, seed, log, extra)
         candidates.append((accuracy, evaluator.space.average(bits), -len(candidates), float(sparsity), bits, details))
     if settings.select == "highest_bits":  # the reference: strictly greater wins, so the first of equals stays
         best = max(candidates, key=lambda c: (c[1], c[2]))

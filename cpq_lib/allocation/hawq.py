@@ -5,8 +5,8 @@ b: ``Omega(b) = Tr(H) / n * ||Q_b(W) - W||^2``, the Hessian trace of the loss re
 group's weights (Hutchinson's estimator on the float model, on the evaluator's fixed, seeded training
 images) times the squared quantization error of its weights at b bits (the same per-channel scales
 the evaluator uses). The widths are chosen by an integer program (:mod:`.solver`) minimising the summed
-Omega within the budget every allocator shares; per layer, what one width per layer leaves of the
-budget is spent channel by channel on the layers whose next width saves the most Omega per bit, as
+Omega within the budget every allocator shares (and BitOPs and bytes where the target gives them); per
+layer, what one width per layer leaves of the budget is spent channel by channel on the layers whose next width saves the most Omega per bit, as
 the ``sensitivity`` allocator does. The plan is evaluated once, like every other allocator's.
 
 Class-aware (``class_weights="loss"``, this package's step beyond HAWQ, per channel): one trace per
@@ -29,7 +29,7 @@ from .baselines import spend_by_sensitivity
 from .evaluator import SearchEvaluator
 from .hessian import TraceEstimate, hutchinson_traces, perturbation_sensitivity
 from .search import AllocationResult, SearchLog
-from .budgets import BitopsModel, bitops_model
+from .budgets import ChannelBudget, extra_budgets
 from .solver import Budget, average_bits_budget, solve_assignment
 from .space import AllocationError, Target
 
@@ -120,12 +120,12 @@ def squared_errors(evaluator: SearchEvaluator, name: str, widths: list[int]) -> 
     return torch.stack(columns, 1)
 
 
-def bitops_budget(model: BitopsModel, space, granularity: str, widths: list[int], max_gbitops: float) -> Budget:
-    """``max_gbitops`` as a linear budget over the groups' widths (the float layers' share subtracted)."""
-    per_bit = model.per_weight_bit.numpy()
+def group_budget(budget: ChannelBudget, space, granularity: str, widths: list[int]) -> Budget:
+    """A channel budget (BitOPs, bytes) as a linear budget over the groups' widths."""
+    per_bit = budget.per_bit.numpy()
     if granularity == "layer":
         per_bit = np.array([per_bit[space.layer_slice(name)].sum() for name in space.names])
-    return Budget("bitops", per_bit[:, None] * np.asarray(widths, dtype=np.float64)[None, :], max_gbitops * 1e9 - model.constant)
+    return Budget(budget.name, per_bit[:, None] * np.asarray(widths, dtype=np.float64)[None, :], budget.limit)
 
 
 def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "layer", class_weights: str | None = None,
@@ -164,9 +164,8 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
                                                       space.channels[i] * space.params_per_channel[i])[0]
                              for i, name in enumerate(space.names)]).numpy()
         params = np.array([space.channels[i] * space.params_per_channel[i] for i in range(len(space.names))], dtype=np.float64)
-    budgets = [average_bits_budget(params, widths, target.max_bits)]
-    if target.max_gbitops is not None:
-        budgets.append(bitops_budget(bitops_model(evaluator), space, granularity, widths, target.max_gbitops))
+    extra = extra_budgets(evaluator, target)
+    budgets = [average_bits_budget(params, widths, target.max_bits)] + [group_budget(e, space, granularity, widths) for e in extra]
     assignment = solve_assignment(omega, budgets)
     chosen = [widths[k] for k in assignment.choice]
     if granularity == "channel":
@@ -174,8 +173,7 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
     else:
         bits = torch.cat([torch.full((space.channels[i],), chosen[i], dtype=torch.long) for i in range(len(space.names))])
         rise = {(i, b): float(omega[i, k]) for i in range(len(space.names)) for k, b in enumerate(widths)}
-        if target.max_gbitops is None:  # (with a BitOPs budget too, the spending below could break it: skipped)
-            bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start)
+        bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start, extra)
     log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     details.update({

@@ -1,5 +1,8 @@
 """Allocators by name: each is ``fn(evaluator, target, **knobs) -> AllocationResult``.
 
+Every allocator honours every budget of the target: average weight bits, and where given BitOPs
+(``max_gbitops``) and stored bytes (``max_bytes``), so a comparison can be run at equal BitOPs.
+
 Every allocator sees the model only through a :class:`SearchEvaluator` (validation subset, counted
 evaluations) and class scores computed from training images, so none can read the test split.
 """
@@ -11,7 +14,7 @@ from typing import Any, Callable
 
 from ..classpath import ClassScores
 from .baselines import random_bits, sensitivity, uniform
-from .budgets import bitops_model
+from .budgets import check_spent
 from .class_count import class_count
 from .class_paths import classpath
 from .evaluator import SearchEvaluator
@@ -33,7 +36,6 @@ ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
     "classpath_random_paths": partial(classpath, paths="random"),   # ablation: random paths, same per-layer sizes
     "classpath_reversed": partial(classpath, order="descending"),   # ablation: the reference's order reversed
 }
-TAKES_BITOPS = ("hawq", "hawq_channel", "hawq_class")  # allocators that honour Target.max_gbitops
 NEEDS_SCORES = ("class_count", "class_count_sum", "classpath", "classpath_cpq", "classpath_random_paths",
                 "classpath_reversed")
 
@@ -45,17 +47,11 @@ def allocate(method: str, evaluator: SearchEvaluator, target: Target, *, scores:
         raise AllocationError(f"unknown allocator {method!r}; allowed: {', '.join(ALLOCATORS)}")
     if method in NEEDS_SCORES and scores is None:
         raise AllocationError(f"allocator {method!r} needs class scores")
-    if target.max_gbitops is not None and method not in TAKES_BITOPS:
-        raise AllocationError(f"allocator {method!r} cannot take a BitOPs budget (max_gbitops); allowed: {', '.join(TAKES_BITOPS)}")
     result = ALLOCATORS[method](evaluator, target, scores=scores, seed=seed, progress=progress, **knobs)
     average = result.plan.meta["average_bits"]
     if average > target.max_bits + 1e-9:  # every allocator promises this; a violation is a bug, not bad input
         raise AssertionError(f"{method} returned {average:.4f} bits, above the budget {target.max_bits:.4f}")
-    if target.max_gbitops is not None:
-        spent = bitops_model(evaluator).gbitops(evaluator.space.from_plan(result.plan))
-        if spent > target.max_gbitops * (1 + 1e-9):
-            raise AssertionError(f"{method} returned {spent:.6f} GBitOPs, above the budget {target.max_gbitops:.6f}")
-        result.plan.meta["gbitops"] = round(spent, 9)
+    result.plan.meta.update(check_spent(method, evaluator, target, evaluator.space.from_plan(result.plan)))
     result.plan.meta["seed"] = seed
     result.plan.meta["allocator"] = method  # the arm's name (classpath_cpq, not classpath)
     return result

@@ -31,12 +31,14 @@ class Target:
     weight_bits: float
     act_bits: int | None
     slack: float = 0.06
-    max_gbitops: float | None = None  # and at most this many BitOPs per sample, in 1e9 (allocators that take it)
+    max_gbitops: float | None = None  # and at most this many BitOPs per sample, in 1e9
+    max_bytes: float | None = None    # and at most this many stored bytes (cpq_lib.quant.metrics.model_size_bits / 8)
 
     def __post_init__(self) -> None:
-        if self.max_gbitops is not None and (isinstance(self.max_gbitops, bool) or not isinstance(self.max_gbitops, (int, float))
-                                             or not self.max_gbitops > 0):
-            raise AllocationError(f"max_gbitops must be a positive number of GBitOPs or None, got {self.max_gbitops!r}")
+        for name in ("max_gbitops", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise AllocationError(f"{name} must be a positive number or None, got {value!r}")
         if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, (int, float)) or not 0 < self.weight_bits <= 16:
             raise AllocationError(f"target weight bits must be a number in (0, 16], got {self.weight_bits!r}")
         if self.act_bits is not None and (isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 1 <= self.act_bits <= 16):
