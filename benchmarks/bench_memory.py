@@ -1,14 +1,16 @@
 """Peak memory of class scoring + a ClassPathQ search + one refinement epoch, as the data set grows 10x:
 read lazily through a Dataset (the ``imagenet`` data set) against decoded into memory (``imagefolder``).
 
-    .venv/bin/python benchmarks/bench_memory.py [--images 600 6000 --image-size 128]
+    .venv/bin/python benchmarks/bench_memory.py [--images 6000 60000 --image-size 64]
 
 For each size a generated folder of one image size (``cpq_lib.data.synthetic``; one size, so that the
 in-memory reader takes it too) is written once; each (path, size) then runs in a fresh process
 (``run_experiment``: baseline training for one epoch, class scores, the search, one refinement epoch,
 the final report), which reports its peak resident set size (``ru_maxrss``). Memory, unlike time, does
 not depend on what else runs on the machine; the stages' settings are the same for every size, so only
-the data set's size differs. The record and a figure go to ``benchmarks/results/``.
+the data set's size differs. The smallest size must fill every batch of every stage (evaluation
+batches of 500: the validation split of 6,000 images has 500), or the larger set's peak grows by its
+fuller batches' activations rather than by its data. The record and a figure go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def child(path: str, root: str, image_size: int, out: str, method: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, nargs="+", default=[600, 6000], help="images per data set (train + test)")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--images", type=int, nargs="+", default=[6000, 60000], help="images per data set (train + test)")
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--method", default="classpath", help="the allocator searched (memory: one of the stages)")
     parser.add_argument("--child", nargs=5, metavar=("PATH", "ROOT", "SIZE", "OUT", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

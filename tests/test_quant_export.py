@@ -7,7 +7,8 @@ from torch import nn
 
 from cpq_lib.errors import CheckpointError
 from cpq_lib.models import build_model
-from cpq_lib.quant import BitPlan, QuantConfig, calibrate_, export_packed, import_packed, model_summary, quantize_
+from cpq_lib.quant import (BitPlan, QuantConfig, calibrate_, export_packed, import_packed, model_summary, quantize_,
+                           quantized_layers)
 from cpq_lib.quant.export import pack_codes, read_packed, unpack_codes, write_packed
 
 
@@ -40,6 +41,28 @@ def test_round_trip_is_exact_and_size_matches_metric(tmp_path, config):
         assert torch.equal(fresh(x), model(x))
     metric = model_summary(model, x)["size_bytes"]
     assert abs(size - metric) / metric < 0.02, (size, metric)
+
+
+def test_block_maps_are_stored_only_for_blocks_that_are_not_contiguous(tmp_path):
+    config = QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(4, 3))
+    base, model = _mixed(config)
+    x = torch.rand(4, 3, 32, 32)
+    sizes = {}
+    for layout in ("contiguous", "index maps"):
+        if layout == "index maps":
+            _regrouped_(model)
+        path = tmp_path / f"{layout}.cpq"
+        export_packed(model, path)
+        arrays, _ = read_packed(path)
+        assert (f"{FIRST}:row_groups" in arrays) == (layout == "index maps")
+        fresh = quantize_(copy.deepcopy(base), config)
+        import_packed(fresh, path)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), model(x))
+        sizes[layout] = model_summary(model, x)["size_bytes"]
+    layers = [layer for _, layer in quantized_layers(model)]
+    maps = sum(16 * (layer.weight.shape[0] + layer.weight[0].numel()) for layer in layers) / 8
+    assert sizes["index maps"] - sizes["contiguous"] == pytest.approx(maps)  # the metric charges what the file holds
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -147,9 +170,18 @@ def test_packed_file_without_entries_is_a_clear_error(tmp_path):
 
 # --- corrupted or crafted files are refused before anything is written ---------------------------------
 
+def _regrouped_(model):
+    """Every layer's row groups reversed: blocks that are no longer contiguous runs, so maps are stored."""
+    for _, layer in quantized_layers(model):
+        q = layer.weight_quantizer
+        q.set_groups(q.row_groups.flip(0), q.col_groups, weight=layer.weight)
+
+
 def _exported(tmp_path, config=None):
     config = config or QuantConfig(weight_bits=4, act_bits=4, granularity="block", blocks=(4, 3))
     base, model = _mixed(config)
+    if config.granularity == "block":
+        _regrouped_(model)
     path = tmp_path / "model.cpq"
     export_packed(model, path)
     return base, model, path, config

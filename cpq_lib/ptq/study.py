@@ -90,11 +90,9 @@ def layout_metadata(model: nn.Module) -> dict[str, int]:
     scales = maps = 0
     for _, layer in quantized_layers(model):
         q = layer.weight_quantizer
-        n_v, n_h = q.blocks
         scales += SCALE_BITS * q.scale.numel()
-        rows, cols = q.row_groups.cpu(), q.col_groups.cpu()
-        if not (torch.equal(rows, contiguous_groups(rows.numel(), n_v)) and torch.equal(cols, contiguous_groups(cols.numel(), n_h))):
-            maps += GROUP_INDEX_BITS * (rows.numel() + cols.numel())
+        if not q.contiguous_blocks:
+            maps += GROUP_INDEX_BITS * (q.row_groups.numel() + q.col_groups.numel())
     return {"scale_bits": scales, "map_bits": maps, "metadata_bits": scales + maps}
 
 

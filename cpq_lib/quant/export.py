@@ -31,6 +31,7 @@ from ..fileio import atomic_path
 from .modules import QuantizedLayer
 from .metrics import float_state_items
 from .primitives import dequantize_codes, integer_range
+from .quantizers import contiguous_groups
 from .transform import quantized_layers
 
 MAGIC = b"CPQPACK2"
@@ -83,7 +84,7 @@ def _layer_entries(name: str, layer: QuantizedLayer) -> dict[str, np.ndarray]:
         entries[f"{name}:full_grid"] = np.array([1], dtype=np.uint8)
     if q.zero_point is not None:
         entries[f"{name}:zero_point"] = q.zero_point.cpu().numpy().astype(np.uint16)  # 0..65535 at 16 bits
-    if q.granularity == "block":
+    if q.granularity == "block" and not q.contiguous_blocks:  # contiguous blocks follow from the scale's shape
         entries[f"{name}:row_groups"] = q.row_groups.cpu().numpy().astype(np.int16)
         entries[f"{name}:col_groups"] = q.col_groups.cpu().numpy().astype(np.int16)
     if layer.bias is not None:
@@ -189,6 +190,14 @@ def _layer_values(name: str, layer: QuantizedLayer, arrays: dict[str, np.ndarray
                 raise CheckpointError(f"{path}: layer {name!r} has {label} group indices from {int(groups.min())} to "
                                       f"{int(groups.max())}; allowed: 0..{count - 1}")
         values["groups"] = (row_groups, col_groups)
+    else:  # no maps: contiguous blocks, as many as the scale has (per tensor, per channel, or n_V x n_H runs)
+        shape = tuple(_entry(arrays, f"{name}:scale", path).shape)
+        if len(shape) != 2 or not (1 <= shape[0] <= row_groups.numel() and 1 <= shape[1] <= col_groups.numel()):
+            raise CheckpointError(f"{path}: layer {name!r} has scales of shape {shape}; a layer of {row_groups.numel()} rows "
+                                  f"and {col_groups.numel()} input columns allows (n_V <= rows, n_H <= columns)")
+        row_groups, col_groups = contiguous_groups(row_groups.numel(), shape[0]), contiguous_groups(col_groups.numel(), shape[1])
+        if not (torch.equal(row_groups, q.row_groups.cpu()) and torch.equal(col_groups, q.col_groups.cpu())):
+            values["groups"] = (row_groups, col_groups)
     blocks = (int(row_groups.max()) + 1, int(col_groups.max()) + 1)
     scale = torch.from_numpy(_entry(arrays, f"{name}:scale", path))
     if tuple(scale.shape) != blocks:

@@ -3,7 +3,8 @@
 The size formula counts exactly what ``cpq_lib.quant.export`` writes:
 - quantized layer: each output channel's weights at its bit-width, the bit-width table (8 bits per
   channel), one fp32 scale per block, a 16-bit zero point per block when asymmetric, the block maps
-  (16 bits per row and column) when the granularity is per block, the bias at 32 bits, and for the
+  (16 bits per row and column) when the blocks are not contiguous runs (per-layer index maps; contiguous
+  blocks, permuted ones included, follow from the scale's shape), the bias at 32 bits, and for the
   input quantizer a 32-bit scale, a 16-bit zero point when asymmetric and 16 bits of bit-width/sign;
 - everything else needed to run the model (batch norm, full-precision layers, input normalisation) at
   32 bits per value; bookkeeping buffers (``num_batches_tracked``) are not stored.
@@ -93,7 +94,9 @@ def layer_storage_bits(layer: QuantizedLayer) -> dict[str, int]:
         "bit_table": BITS_TABLE_BITS * layer.weight.shape[0],
         "scales": SCALE_BITS * n_blocks,
         "zero_points": ZERO_POINT_BITS * n_blocks if q.zero_point is not None else 0,
-        "block_maps": GROUP_INDEX_BITS * (q.row_groups.numel() + q.col_groups.numel()) if q.granularity == "block" else 0,
+        # group-index maps only where the blocks are not contiguous runs (index-map reordering)
+        "block_maps": (GROUP_INDEX_BITS * (q.row_groups.numel() + q.col_groups.numel())
+                       if q.granularity == "block" and not q.contiguous_blocks else 0),
         "bias": FLOAT_BITS * layer.bias.numel() if layer.bias is not None else 0,
         "activation": 0,
     }

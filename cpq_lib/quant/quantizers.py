@@ -178,6 +178,14 @@ class WeightQuantizer(_MirroredState, nn.Module):
             return "channel"
         return "block"
 
+    @property
+    def contiguous_blocks(self) -> bool:
+        """Whether every block is a contiguous run of rows and of columns (the default layout, or one a
+        physical permutation made contiguous): two numbers, n_V and n_H, describe it, no index maps."""
+        n_v, n_h = self.blocks
+        rows, cols = self.row_groups.cpu(), self.col_groups.cpu()
+        return torch.equal(rows, contiguous_groups(rows.numel(), n_v)) and torch.equal(cols, contiguous_groups(cols.numel(), n_h))
+
     def _expand(self, block_values: torch.Tensor) -> torch.Tensor:
         """Block values (n_V, n_H) -> a tensor broadcastable against the weight."""
         ones = (1,) * (len(self.weight_shape) - 1)
