@@ -21,7 +21,8 @@ SMALL = {"data.image_size": 32, "data.workers": 0, "data.val_fraction": 0.2, "mo
          "model.width": 0.25, "model.pretrained": False, "train.epochs": 2, "train.batch_size": 32, "device": "cpu"}
 SEARCH = {"allocation.method": "classpath", "allocation.weight_bits": 3, "allocation.act_bits": 4, "allocation.start_bits": 4,
           "allocation.images_per_class": 4, "allocation.search_images": 20, "allocation.bn_images": 16,
-          "allocation.calibration_images": 32, "allocation.sparsities": [0.5], "refine.epochs": 1, "refine.batch_size": 32}
+          "allocation.calibration_images": 32, "allocation.sparsities": [0.5], "refine.epochs": 1, "refine.batch_size": 32,
+          "allocation.max_gbitops": 100.0}  # a BitOPs budget too (not binding here), counted on the lazily read images
 
 
 def _sets(overrides: dict) -> list[str]:
@@ -50,6 +51,8 @@ def test_the_imagenet_profile_runs_every_stage_on_a_lazily_read_folder(record, s
     plan = results["plan"]["layers"]
     assert len(plan) >= 40  # MobileNetV2's convolutions (depthwise ones included) less the stem and classifier
     assert results["average_bits"] <= 3.06 and results["search"]["cost"]["evaluations"] >= 2
+    assert 0 < results["plan"]["meta"]["gbitops"] <= 100.0
+    assert results["plan"]["meta"]["gbitops"] == pytest.approx(results["metrics"]["bitops"] / 1e9, rel=1e-6)
     assert results["search"]["cost"]["validation_images"] == 20 and results["search"]["cost"]["bn_images"] == 16
     for stage in ("before_refinement", "after_refinement"):
         report = results[stage]
