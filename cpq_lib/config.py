@@ -90,7 +90,7 @@ class RefineConfig(TrainConfig):
 
 
 ALLOCATOR_NAMES = ("uniform", "random", "class_count", "class_count_sum", "sensitivity", "hawq", "hawq_channel", "hawq_class",
-                   "classpath", "classpath_cpq", "classpath_random_paths", "classpath_reversed")  # cpq_lib.allocation.ALLOCATORS
+                   "aimet", "classpath", "classpath_cpq", "classpath_random_paths", "classpath_reversed")  # cpq_lib.allocation.ALLOCATORS
 
 
 @dataclass

@@ -45,6 +45,8 @@ NAMES = {
     "class_count": "class count", "class_count_sum": "class count (sum)",
     "classpath": "ClassPathQ (reference)", "classpath_cpq": "ClassPathQ (cpq)",
     "classpath_random_paths": "random paths (ablation)", "classpath_reversed": "reversed order (ablation)",
+    "hawq": "HAWQ (per layer)", "hawq_channel": "HAWQ (per channel)", "hawq_class": "HAWQ (class-aware)",
+    "aimet": "AIMET AMP",
     # columns
     "average_bits": "average weight bits", "bitops": "GBitOPs", "size_bytes": "size (bytes)",
     "test_after": "test top-1 after refinement (%)", "test_before": "test top-1 before refinement (%)",

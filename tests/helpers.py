@@ -52,3 +52,22 @@ def randomise_(model, seed: int = 0, biases: bool = False):
                 if biases and module.bias is not None:
                     module.bias.copy_(torch.randn(rows, generator=generator))
     return model.eval()
+
+
+def allocator_params(names) -> list:
+    """Allocator names as pytest params; one whose peer package is an optional dependency that is not
+    installed here is skipped with the reason (the others run)."""
+    import pytest
+
+    from cpq_lib.allocation import OPTIONAL
+
+    return [pytest.param(name, marks=pytest.mark.skipif(name in OPTIONAL and not OPTIONAL[name](),
+                                                        reason=f"{name} needs its optional peer package (pip install -r benchmarks/requirements-peers.txt)"))
+            for name in sorted(names)]
+
+
+def installed_allocators(names) -> list[str]:
+    """The allocators of ``names`` that can run here (optional peers installed)."""
+    from cpq_lib.allocation import OPTIONAL
+
+    return [name for name in sorted(names) if name not in OPTIONAL or OPTIONAL[name]()]

@@ -17,6 +17,8 @@ from cpq_lib.classpath import ClassScores
 from cpq_lib.errors import DataError
 from cpq_lib.quant import QuantConfig, calibrate_, quantize_, quantized_layers
 
+from helpers import allocator_params, installed_allocators
+
 
 @pytest.fixture(scope="module")
 def search(digits_baseline, digits):
@@ -45,7 +47,7 @@ def allocated(search, method: str, bits: float):
     return _ALLOCATED[method, bits]
 
 
-@pytest.mark.parametrize("method", sorted(ALLOCATORS))
+@pytest.mark.parametrize("method", allocator_params(ALLOCATORS))
 @pytest.mark.parametrize("bits", [2.0, 3.0])
 def test_every_allocator_meets_its_budget_with_a_valid_plan(search, method, bits):
     student, data, scores = search
@@ -294,7 +296,7 @@ def test_comparison_command_names_what_is_wrong_with_its_file(tmp_path, capsys):
     assert main([str(tmp_path / "binary.csv")]) == 2 and "error: " in capsys.readouterr().err
 
 
-SPENDS_THE_BUDGET = ("uniform", "random", "sensitivity", "hawq", "hawq_channel", "hawq_class")  # class-level steps (class paths, class count) land where they land
+SPENDS_THE_BUDGET = ("uniform", "random", "sensitivity", "hawq", "hawq_channel", "hawq_class", "aimet")  # class-level steps (class paths, class count) land where they land
 
 
 @pytest.mark.parametrize("bits", [2.0, 3.0])
@@ -306,7 +308,7 @@ def test_allocators_that_spend_the_budget_land_within_0_01_of_its_maximum(search
     student, data, scores = search
     target = Target(bits, 4)
     rows = []
-    for method in sorted(ALLOCATORS):
+    for method in installed_allocators(ALLOCATORS):
         result, _ = allocated(search, method, bits)
         average = result.plan.average_weight_bits(student)
         if method in SPENDS_THE_BUDGET:
@@ -335,7 +337,7 @@ def test_the_bitops_and_size_models_are_the_layer_tables(search):
         assert size_model(evaluator).bytes(bits) == pytest.approx(summary["size_bytes"], rel=1e-12)
 
 
-@pytest.mark.parametrize("method", sorted(ALLOCATORS))
+@pytest.mark.parametrize("method", allocator_params(ALLOCATORS))
 def test_every_allocator_honours_a_bitops_budget(search, method):
     from cpq_lib.allocation.budgets import bitops_model
 

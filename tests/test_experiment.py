@@ -8,6 +8,7 @@ import pytest
 from cpq_lib import experiment
 from cpq_lib.config import make_config
 from cpq_lib.experiment import BEFORE, RECORD, SEARCH, run_experiment, tidy_row
+from helpers import allocator_params
 
 
 @pytest.fixture()
@@ -89,7 +90,7 @@ def test_a_run_folder_of_another_configuration_is_refused_or_remade(run_dir, mon
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", sorted(__import__("cpq_lib.allocation", fromlist=["ALLOCATORS"]).ALLOCATORS))
+@pytest.mark.parametrize("method", allocator_params(__import__("cpq_lib.allocation", fromlist=["ALLOCATORS"]).ALLOCATORS))
 def test_every_allocator_runs_end_to_end_on_cuda(run_dir, method):
     """Search (bit bookkeeping on the CPU, quantizers on the GPU), refinement and report on a CUDA device."""
     config = _config(**{"allocation.method": method, "device": "cuda"})

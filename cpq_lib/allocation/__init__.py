@@ -3,11 +3,11 @@ sensitivity, class critical paths), each searching on validation data only."""
 
 from .class_paths import channel_bits
 from .evaluator import SearchEvaluator
-from .registry import ALLOCATORS, NEEDS_SCORES, allocate
+from .registry import ALLOCATORS, NEEDS_SCORES, OPTIONAL, allocate
 from .report import bits_and_class_counts, bits_per_layer, class_bits_table, comparison_table, plan_digest
 from .search import AllocationResult, SearchLog
 from .space import AllocationError, ChannelSpace, Target
 
-__all__ = ["ALLOCATORS", "NEEDS_SCORES", "AllocationError", "AllocationResult", "ChannelSpace", "SearchEvaluator", "SearchLog", "Target",
+__all__ = ["ALLOCATORS", "NEEDS_SCORES", "OPTIONAL", "AllocationError", "AllocationResult", "ChannelSpace", "SearchEvaluator", "SearchLog", "Target",
            "allocate", "bits_and_class_counts", "bits_per_layer", "channel_bits", "class_bits_table", "comparison_table",
            "plan_digest"]

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any, Callable
 
 from ..classpath import ClassScores
+from .aimet_amp import aimet, aimet_available
 from .baselines import random_bits, sensitivity, uniform
 from .budgets import check_spent
 from .class_count import class_count
@@ -31,11 +32,13 @@ ALLOCATORS: dict[str, Callable[..., AllocationResult]] = {
     "hawq": hawq,                                                   # HAWQ-V3: Hessian trace x perturbation, per layer, exact
     "hawq_channel": partial(hawq, granularity="channel"),           # the same per output channel
     "hawq_class": partial(hawq, granularity="channel", class_weights="loss"),  # per-class traces, hard classes weigh more
+    "aimet": aimet,                                                 # AIMET's automatic mixed precision, run (optional dependency)
     "classpath": classpath,                                         # preset "reference" (GUIDE 1.1)
     "classpath_cpq": partial(classpath, preset="cpq"),              # this package's variant
     "classpath_random_paths": partial(classpath, paths="random"),   # ablation: random paths, same per-layer sizes
     "classpath_reversed": partial(classpath, order="descending"),   # ablation: the reference's order reversed
 }
+OPTIONAL = {"aimet": aimet_available}  # allocators whose peer package is an optional dependency: name -> is it installed
 NEEDS_SCORES = ("class_count", "class_count_sum", "classpath", "classpath_cpq", "classpath_random_paths",
                 "classpath_reversed")
 
