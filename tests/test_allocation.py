@@ -374,3 +374,15 @@ def test_allocators_honour_a_size_budget(search, method):
         Target(3.0, 4, max_bytes=-1)
     with pytest.raises(AllocationError, match="max_gbitops must be a positive number"):
         Target(3.0, 4, max_gbitops=0)
+
+
+@pytest.mark.parametrize("method", allocator_params(["hawq", "hawq_class", "aimet"]))
+def test_search_seconds_count_the_work_before_the_single_evaluation(search, method):
+    """Traces (hawq) and AIMET's own phases are part of the search's cost, not only the one evaluation."""
+    result, _ = allocated(search, method, 2.0)
+    cost = result.cost
+    if method.startswith("hawq"):
+        assert cost["search_seconds"] >= result.details["trace_cost"]["seconds"] > 0
+    else:
+        assert cost["search_seconds"] > 10 * cost["evaluation_seconds"]
+    assert cost["evaluations"] == 1

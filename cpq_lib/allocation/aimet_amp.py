@@ -191,6 +191,7 @@ def aimet(evaluator: SearchEvaluator, target: Target, *, start_bits: int | None 
     if not 1 <= min_bits <= start <= 16:
         raise AllocationError(f"aimet widths {min_bits}..{start} must lie in 1..16, lowest first")
     widths = list(range(min_bits, start + 1))
+    log = SearchLog(evaluator, "aimet", progress, total=1)  # started before AIMET runs: its seconds include AIMET's
     with tempfile.TemporaryDirectory(prefix="cpq-aimet-") as folder:
         flips, front, top_accuracy = run_aimet(evaluator, target.act_bits, widths, Path(folder))
     extra = extra_budgets(evaluator, target)
@@ -204,7 +205,6 @@ def aimet(evaluator: SearchEvaluator, target: Target, *, start_bits: int | None 
     if spend_slack:
         rise = loss_rise_table(space, flips, top_accuracy, widths)
         bits = spend_by_sensitivity(space, bits, layer_bits, rise, target.max_bits, start, extra)
-    log = SearchLog(evaluator, "aimet", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     details = {"front": [{"flips": p.flips, "relative_bitops": round(p.relative_bitops, 6), "accuracy": round(p.accuracy, 6),
                           "average_bits": round(space.average(plans[p.flips - 1]), 6)} for p in front],

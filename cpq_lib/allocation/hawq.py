@@ -143,6 +143,7 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
         raise AllocationError(f"hawq widths {min_bits}..{start} must lie in 1..16, lowest first")
     widths = list(range(min_bits, start + 1))
     details: dict = {}
+    log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)  # started before the traces: its seconds include them
     if class_weights is None:
         traces = hessian_traces(evaluator, max_probes, tolerance, seed)
         per_channel, per_layer = traces.per_channel, traces.per_layer
@@ -174,7 +175,6 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
         bits = torch.cat([torch.full((space.channels[i],), chosen[i], dtype=torch.long) for i in range(len(space.names))])
         rise = {(i, b): float(omega[i, k]) for i in range(len(space.names)) for k, b in enumerate(widths)}
         bits = spend_by_sensitivity(space, bits, chosen, rise, target.max_bits, start, extra)
-    log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)
     accuracy, _, _ = log.try_bits(bits, "final", "chosen plan")
     details.update({
         "traces": {name: round(value, 8) for name, value in per_layer.items()}, "omega": round(assignment.objective, 10),
