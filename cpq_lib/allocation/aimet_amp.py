@@ -34,7 +34,7 @@ from .budgets import extra_budgets, within
 from .evaluator import SearchEvaluator
 from .hawq import float_twin
 from .search import AllocationResult, SearchLog
-from .space import AllocationError, ChannelSpace, Target
+from .space import AllocationError, ChannelSpace, Target, candidate_widths
 
 INSTALL_HINT = "pip install -r benchmarks/requirements-peers.txt (aimet-torch 2.42)"
 
@@ -187,10 +187,8 @@ def aimet(evaluator: SearchEvaluator, target: Target, *, start_bits: int | None 
     if not aimet_available():
         raise AllocationError(f"the aimet allocator needs AIMET: {INSTALL_HINT}")
     space = evaluator.space
-    start = start_bits or target.start_bits()
-    if not 1 <= min_bits <= start <= 16:
-        raise AllocationError(f"aimet widths {min_bits}..{start} must lie in 1..16, lowest first")
-    widths = list(range(min_bits, start + 1))
+    widths = candidate_widths("aimet", target, min_bits, start_bits)
+    start = widths[-1]
     log = SearchLog(evaluator, "aimet", progress, total=1)  # started before AIMET runs: its seconds include AIMET's
     with tempfile.TemporaryDirectory(prefix="cpq-aimet-") as folder:
         flips, front, top_accuracy = run_aimet(evaluator, target.act_bits, widths, Path(folder))

@@ -31,7 +31,7 @@ from .hessian import TraceEstimate, hutchinson_traces, perturbation_sensitivity
 from .search import AllocationResult, SearchLog
 from .budgets import ChannelBudget, extra_budgets
 from .solver import Budget, average_bits_budget, solve_assignment
-from .space import AllocationError, Target
+from .space import AllocationError, Target, candidate_widths
 
 GRANULARITIES = ("layer", "channel")
 
@@ -138,10 +138,8 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
     if class_weights not in CLASS_WEIGHTS:
         raise AllocationError(f"hawq class_weights must be None or 'loss', got {class_weights!r}")
     space = evaluator.space
-    start = start_bits or target.start_bits()
-    if not 1 <= min_bits <= start <= 16:
-        raise AllocationError(f"hawq widths {min_bits}..{start} must lie in 1..16, lowest first")
-    widths = list(range(min_bits, start + 1))
+    widths = candidate_widths("hawq", target, min_bits, start_bits)
+    start = widths[-1]
     details: dict = {}
     log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)  # started before the traces: its seconds include them
     if class_weights is None:

@@ -118,3 +118,12 @@ class ChannelSpace:
 
     def uniform(self, bits: int) -> torch.Tensor:
         return torch.full((self.size,), int(bits), dtype=torch.long)
+
+
+def candidate_widths(allocator: str, target: Target, min_bits: int, start_bits: int | None) -> list[int]:
+    """The widths ``min_bits..start`` a per-layer or per-channel solver chooses from (``start``: the
+    target's starting width unless given), refused unless they lie in 1..16, lowest first."""
+    start = start_bits or target.start_bits()
+    if not 1 <= min_bits <= start <= 16:
+        raise AllocationError(f"{allocator} widths {min_bits}..{start} must lie in 1..16, lowest first")
+    return list(range(min_bits, start + 1))
