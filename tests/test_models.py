@@ -185,3 +185,29 @@ def test_pixels_outside_the_unit_range_warn_once():
         fresh = build_model("resnet20", 10).eval()
         fresh(torch.rand(2, 3, 32, 32))  # images in [0, 1]: nothing to say
         fresh(torch.rand(2, 3, 32, 32) * 255)  # only the first batch is checked
+
+
+def test_quick_model_gradients_do_not_depend_on_the_summation_order():
+    """Quantized DigitsCNN's training gradients are the same when the convolutions sum in another
+    order (channels_last vs contiguous kernels here; another instruction set on another CPU). Its
+    quantized convolutions output many mathematically equal values that the order splits in the last
+    bit; with max pooling the gradient followed whichever came out larger (measured 7% apart here)."""
+    from torch import nn
+
+    from cpq_lib.quant import QuantConfig, calibrate_, quantize_
+
+    torch.set_default_dtype(torch.float64)  # as the quick profile computes (conftest restores the default)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    torch.manual_seed(0)
+    model = quantize_(build_model("digits_cnn", 10, in_channels=1), QuantConfig(2, 2))
+    calibrate_(model, [(images, labels)])
+    model.train()
+    gradients = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=memory_format).zero_grad()
+        nn.functional.cross_entropy(model(images.contiguous(memory_format=memory_format)), labels).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert len(gradients[0]) > 20_000
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=0, atol=1e-12 * float(gradients[0].abs().max()))

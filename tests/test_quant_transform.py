@@ -139,6 +139,22 @@ def test_training_step_updates_weights_and_scales():
     assert not torch.equal(before[0], layer.weight) and not torch.equal(before[1], layer.weight_quantizer.scale)
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float64, torch.float32])
+def test_quantizer_scales_take_the_layers_precision_not_the_default(model_dtype):
+    """A float64 model quantized under the float32 default keeps float64 scales (it learned them in
+    float32 before)."""
+    assert torch.get_default_dtype() == torch.float32
+    model = quantize_(build_model("digits_cnn", 10, in_channels=1).to(model_dtype),
+                      QuantConfig(2, 2, learnable_scales=True))
+    expected = model_dtype
+    scales = {name: tensor.dtype for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+              if name.endswith("quantizer.scale")}
+    assert len(scales) == 4 and set(scales.values()) == {expected}, scales
+    x = torch.rand(4, 1, 8, 8, dtype=model_dtype)
+    calibrate_(model, [(x, None)])
+    assert {t.dtype for name, t in model.named_parameters() if name.endswith("quantizer.scale")} == {expected}
+
+
 def test_batchnorm_folding_preserves_the_function(cifar10):
     torch.manual_seed(0)
     images = cifar10.train.images[:32].float() / 255

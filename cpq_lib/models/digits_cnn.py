@@ -14,7 +14,15 @@ def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DigitsCNN(nn.Module):
-    """stem conv -> conv -> pool -> conv -> global pool -> classifier (widths scale with ``width``)."""
+    """stem conv -> conv -> 2x2 average pool -> conv -> global pool -> classifier (widths scale with ``width``).
+
+    Average, not max, pooling: after a quantized convolution many outputs are mathematically equal
+    (sums over a few integer levels), and the CPU's summation order breaks those ties in the last bit
+    differently on each instruction set. Max pooling's backward sends the whole gradient to the one
+    winner, so quantization-aware training went down a different path on another CPU (the stored
+    notebooks 06-07 failed their checks under ATen's non-AVX kernels); the average's gradient does not
+    depend on which of the equal values came out larger.
+    """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,)) -> None:
@@ -22,7 +30,7 @@ class DigitsCNN(nn.Module):
         w1, w2, w3 = (max(1, round(c * width)) for c in (16, 32, 64))
         self.input_norm = InputNormalization(mean, std)
         self.stem = conv_bn_relu(in_channels, w1)
-        self.features = nn.Sequential(conv_bn_relu(w1, w2), nn.MaxPool2d(2), conv_bn_relu(w2, w3))
+        self.features = nn.Sequential(conv_bn_relu(w1, w2), nn.AvgPool2d(2), conv_bn_relu(w2, w3))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(w3, num_classes)
 

@@ -166,12 +166,15 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                                                config.weight_grid)
         except ValueError as exc:  # name the layer: one block shape rarely fits every layer of a network
             raise ValueError(f"layer {name!r} (weight {tuple(module.weight.shape)}): {exc}") from exc
-        weight_quantizer.to(module.weight.device)
+        # scales in the layer's precision, not the default dtype: a float64 model quantized under the
+        # float32 default learned and rounded its scales in float32
+        real = module.weight.dtype
+        weight_quantizer.to(module.weight.device, real)
         weight_quantizer.initialize(module.weight)
         input_quantizer = None
         if config.act_bits is not None:
             input_quantizer = ActivationQuantizer(config.act_bits, config.act_signed, config.symmetric,
-                                                  config.learnable_scales, config.act_init).to(module.weight.device)
+                                                  config.learnable_scales, config.act_init).to(module.weight.device, real)
         _replace_everywhere(model, module, quantized_twin(module, weight_quantizer, input_quantizer))
     return model
 
