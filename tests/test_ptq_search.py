@@ -335,3 +335,17 @@ def test_constant_accuracy_has_no_correlation_and_no_warning():
         warnings.simplefilter("error")
         rho = granularity_correlation(table)
     assert rho["spearman_rho"].isna().all() and rho["p_value"].isna().all() and len(rho) == 2
+
+
+def test_candidates_equal_but_for_the_last_bits_go_to_the_first():
+    """The cosine metrics tie exactly when a scale moves without changing codes; the summation order
+    splits such ties in the last bits, differently per CPU. The first tied candidate wins either way."""
+    from cpq_lib.ptq.search import _clearly_below, _first_best
+
+    tied = torch.tensor([[0.5, 0.2], [0.3, 0.1], [0.3 - 1e-15, 0.1 + 1e-16], [0.4, 0.1 - 1e-16]], dtype=torch.float64)
+    value, index = _first_best(tied)
+    assert index.tolist() == [1, 1] and value.tolist() == [0.3, 0.1]
+    value, index = _first_best(torch.tensor([[0.3], [0.3 - 1e-6]], dtype=torch.float64))  # a real difference
+    assert index.tolist() == [1]
+    best = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    assert _clearly_below(torch.tensor([0.3 - 1e-15, 0.3 - 1e-6], dtype=torch.float64), best).tolist() == [False, True]

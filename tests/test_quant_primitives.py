@@ -1,11 +1,13 @@
 """Properties of the fake-quantization primitive (hypothesis)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from cpq_lib.quant.primitives import (
-    asymmetric_params, fake_quantize, fake_quantize_per_tensor, integer_range, max_scale,
+    asymmetric_params, fake_quantize, fake_quantize_per_tensor, integer_range, max_scale, quantize_to_codes, round_to_level,
 )
 
 FLOATS = st.floats(min_value=-100, max_value=100, allow_nan=False, allow_infinity=False, width=32)
@@ -171,3 +173,30 @@ def test_in_place_path_equals_the_reference_chain_bit_for_bit(dtype, case):
     assert result.shape == reference.shape and result.dtype == reference.dtype
     assert torch.equal(result, reference)
     assert not torch.equal(result, x)  # it quantized something
+
+
+def test_float64_rounding_takes_values_within_the_window_of_a_half_as_the_half():
+    ulp = math.ulp(2.5)
+    near = torch.tensor([2.5 + k * ulp for k in range(-3000, 3001, 7)], dtype=torch.float64)
+    assert set(round_to_level(near).tolist()) == {2.0}  # halves to even, whichever side the last bits fell
+    assert set(round_to_level(-near + 1.0).tolist()) == {-2.0}  # -1.5 and its neighbours
+    clear = torch.tensor([2.5 - 1e-9, 2.5 + 1e-9, 3.49, -0.7, 0.0], dtype=torch.float64)
+    assert round_to_level(clear).tolist() == [2.0, 3.0, 3.0, -1.0, 0.0]  # elsewhere: torch.round
+    as_float32 = torch.tensor([2.5, float(torch.tensor(2.5, dtype=torch.float32).nextafter(torch.tensor(3.0)))])
+    assert round_to_level(as_float32).tolist() == [2.0, 3.0]  # float32 rounds as computed
+
+
+def test_codes_at_the_full_grids_start_do_not_depend_on_the_weights_last_bits():
+    """The full grid's start scale puts a negative maximum exactly on the half -(2^(b-1) - 0.5): its code
+    is the grid's lowest whatever last bits training left (here: the same weights, perturbed by ulps)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 27, generator=generator, dtype=torch.float64)
+    weight[:, 0] = -weight.abs().amax(1) * 1.01  # every row's largest magnitude is negative
+    for bits in (2, 3, 4):
+        qmin, qmax = integer_range(bits, signed=True, narrow=False)
+        codes = set()
+        for k in range(-40, 41, 3):
+            perturbed = weight * (1 + k * 2.0 ** -52)
+            scale = max_scale(perturbed.abs().amax(1, keepdim=True), bits, signed=True, narrow=False)
+            codes |= set(quantize_to_codes(perturbed, scale.to(weight.dtype), None, qmin.double(), qmax.double())[:, 0].tolist())
+        assert codes == {float(qmin)}, (bits, codes)

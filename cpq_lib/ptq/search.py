@@ -17,8 +17,14 @@ For every quantized layer, in network order:
    are visited in turn (coordinate descent, ``n_H`` passes). Candidates go ``chunk`` at a time, which
    bounds memory at about ``chunk * out * (positions + in)`` floats.
 3. The activation (input) scale is searched the same way with the weights fixed; weight and activation
-   searches alternate for ``rounds`` rounds. A candidate replaces the current scale only when strictly
-   better, so every step keeps or lowers the metric.
+   searches alternate for ``rounds`` rounds. A candidate replaces the current scale only when better by
+   more than the arithmetic's noise, so every step keeps or lowers the metric.
+
+Ties: the cosine metrics do not change when a row group's scale moves without changing its codes, so
+many candidates score the same in exact arithmetic, and the CPU's summation order (another instruction
+set, another thread count) separates them in the last bits. Values within a relative sqrt(eps) of the
+best therefore count as equal and the first such candidate wins, as exact arithmetic would choose: the
+chosen scales, and the layers searched after them, are then the same on every CPU.
 
 Metrics (lower is better): ``cosine`` (1 - cosine similarity, per row group for weight blocks and
 over the whole output for the activation scale), ``layer_cosine`` (the authors': 1 - cosine of the
@@ -134,6 +140,24 @@ def layer_output(weight_2d: torch.Tensor, columns: torch.Tensor, bias: torch.Ten
     result = torch.einsum("...goc,...gcp->...gop", grouped, columns)
     result = result.reshape(*result.shape[:-3], out, columns.shape[-1])
     return result if bias is None else result + bias[:, None]
+
+
+def _tolerance(values: torch.Tensor) -> float:
+    """Relative gap below which two metric values are the same decision: sqrt of the precision's eps
+    (1.5e-8 in float64, 3.5e-4 in float32), far above summation-order noise, far below real differences."""
+    return torch.finfo(values.dtype).eps ** 0.5
+
+
+def _first_best(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, index) along dim 0 of the first candidate within the tolerance of the minimum."""
+    lowest = metric.min(0).values
+    index = (metric <= lowest + _tolerance(metric) * lowest.abs()).to(torch.uint8).argmax(0)  # first True
+    return metric.gather(0, index.unsqueeze(0)).squeeze(0), index
+
+
+def _clearly_below(value: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """``value < best`` by more than the tolerance (a tie keeps the earlier candidate)."""
+    return value < best - _tolerance(best) * best.abs()
 
 
 def _rng(seed: int, layer: int, batch: int) -> torch.Generator:
@@ -328,8 +352,8 @@ def _search_weight_scales(blocks: _WeightBlocks, scale: torch.Tensor, scale0: to
             candidates[:, :, column_group] = scale0[:, column_group] * factor[:, None]
             output = fixed + _masked_output(blocks.quantize(candidates, mask), inputs, mask, part_inputs)
             metric = objective.per_group(output)  # (chunk, n_V)
-            value, index = metric.min(0)
-            better = value < best
+            value, index = _first_best(metric)
+            better = _clearly_below(value, best)
             scale[:, column_group] = torch.where(better, candidates[index, torch.arange(scale.shape[0]), column_group],
                                                  scale[:, column_group])
             best = torch.where(better, value, best)
@@ -362,8 +386,8 @@ def _layer_cosine_pass(blocks: _WeightBlocks, scale: torch.Tensor, scale0: torch
         rest_dot, rest_norm = total_dot - dot_now[group], total_norm - norm_now[group]
         metric = 1.0 - (rest_dot + dots[:, group]) / ((rest_norm + norms[:, group]) * target).sqrt().clamp_min(1e-30)
         current = 1.0 - total_dot / (total_norm * target).sqrt().clamp_min(1e-30)
-        value, index = metric.min(0)
-        if value < current:
+        value, index = _first_best(metric)
+        if _clearly_below(value, current):
             scale[group, column_group] = scale0[group, column_group] * factors[index]
             total_dot, total_norm = rest_dot + dots[index, group], rest_norm + norms[index, group]
             dot_now[group], norm_now[group] = dots[index, group], norms[index, group]
@@ -389,8 +413,8 @@ def _search_activation_scale(quantizer: ActivationQuantizer, columns: torch.Tens
         candidates = start * factors[begin:begin + chunk]
         quantized = fake_quantize(columns.unsqueeze(0), candidates.view(-1, 1, 1, 1), zero_point, qmin, qmax)
         metric = objective.total(layer_output(weight_q, quantized, bias))
-        value, index = metric.min(0)
-        if value < best:
+        value, index = _first_best(metric)
+        if _clearly_below(value, best):
             best, best_scale = value, candidates[index].clone()
     return best_scale, best
 

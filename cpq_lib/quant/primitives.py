@@ -10,6 +10,15 @@ by default, or with ``narrow=False`` the full two's-complement range [-2^(b-1), 
 levels at 2 bits instead of the ternary {-1, 0, 1}); signed 1 bit is the sign {-1, +1} (``binary``) on
 either; unsigned b bits is [0, 2^b - 1]; 0 bits is zero.
 
+Rounding is to the nearest level, halves to even. In float64 (the precision of the `quick` profile
+and of cross-CPU reproducibility) a value within a relative 2^-36 of a half is that half
+(:func:`round_to_level`): scales are often chosen so that a weight lands exactly on a half in exact
+arithmetic (the full grid's start ``max / (2^(b-1) - 0.5)`` puts a negative maximum there, a search grid
+``scale0 * 1.2`` at 3 bits puts the maximum at 2.5), and the last bits a CPU's summation order left in
+the weights then decided the code, so the same notebook quantized differently on another CPU. float32
+rounds as computed (its compiled kernels and torch's agree bit for bit; float32 runs are reproducible on
+one machine).
+
 The backward is a straight-through estimator: the gradient w.r.t. ``x`` passes where the rounded
 value lies inside [qmin, qmax] (|x/s| <= 1 for the sign grid), and the gradient w.r.t. ``scale`` is
 LSQ's (Esser et al. 2020), multiplied by ``grad_factor``. We write this as one autograd Function
@@ -55,10 +64,27 @@ def binary_mask(bits: torch.Tensor | int, signed: bool) -> torch.Tensor | None:
     return mask if bool(mask.any()) else None
 
 
+HALF_SNAP = 2.0 ** -36  # float64: relative distance from a half within which a value is the half
+
+
+def round_to_level(v: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` (halves to even); in float64, values within ``HALF_SNAP`` of a half count as the half.
+
+    The window is about 65,000 float64 ulps: wide enough for the last-bit differences between CPUs
+    (measured up to ~100 ulps in trained weights), narrow enough that no value a scale does not put on
+    a half in exact arithmetic lands in it in practice (torch has no such rounding mode, hence our own).
+    """
+    rounded = torch.round(v)
+    if v.dtype != torch.float64:
+        return rounded
+    half = torch.floor(v) + 0.5
+    return torch.where((v - half).abs() <= HALF_SNAP * v.abs(), torch.round(half), rounded)
+
+
 def _quantize_codes(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor | None,
                     qmin: torch.Tensor, qmax: torch.Tensor, binary: torch.Tensor | None) -> torch.Tensor:
     """Integer codes (as floats) ``clamp(round(x / s) + z, qmin, qmax)``; sign codes where ``binary``."""
-    rounded = torch.round(x * inv_scale)
+    rounded = round_to_level(x * inv_scale)
     if zero_point is not None:
         rounded = rounded + zero_point
     codes = torch.clamp(rounded, qmin, qmax)
@@ -112,7 +138,7 @@ class _FakeQuantize(torch.autograd.Function):
         zero_point = zero_point if ctx.has_zero_point else None
         binary = binary if binary.numel() else None
         scaled = x / scale
-        rounded = torch.round(scaled) + (zero_point if zero_point is not None else 0.0)
+        rounded = round_to_level(scaled) + (zero_point if zero_point is not None else 0.0)
         inside = (rounded >= qmin) & (rounded <= qmax)
         if binary is not None:
             inside = torch.where(binary, scaled.abs() <= 1.0, inside)
@@ -155,7 +181,7 @@ def _fake_quantize_no_grad(x: torch.Tensor, safe: torch.Tensor, zero_point: torc
     if any(torch.broadcast_shapes(out.shape, t.shape) != out.shape or
            (t.dtype != torch.bool and torch.result_type(out, t) != out.dtype) for t in operands):
         return _dequantize(_quantize_codes(x, 1.0 / safe, zero_point, qmin, qmax, binary), safe, zero_point)
-    out.round_()
+    out = round_to_level(out) if out.dtype == torch.float64 else out.round_()
     if zero_point is not None:
         out.add_(zero_point)
     out.clamp_(qmin, qmax)
@@ -169,8 +195,11 @@ def _fake_quantize_no_grad(x: torch.Tensor, safe: torch.Tensor, zero_point: torc
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Fixed-scale per-tensor case on torch's fused kernel (same arithmetic and STE as :func:`fake_quantize`).
 
-    ``zero_point`` must be an int32 tensor of one element.
+    ``zero_point`` must be an int32 tensor of one element. float64 takes :func:`fake_quantize` (torch's
+    kernel has no tolerant rounding of halves; see the module doc), with the same straight-through gradient.
     """
+    if x.dtype == torch.float64:
+        return fake_quantize(x, scale.detach(), zero_point.to(x.dtype).reshape(()), qmin, qmax)
     return torch.fake_quantize_per_tensor_affine(x, safe_scale(scale).reshape(1), zero_point.reshape(1), qmin, qmax)
 
 
