@@ -15,6 +15,10 @@ spend theirs), so the arm spends the same budget as the others.
 AIMET sees the float model (BatchNorm folded, AIMET's per-channel default configuration, its own
 calibration on the evaluator's training images) and scores with the evaluator's validation images,
 the same ones every search uses. The plan it yields is evaluated once, like every other allocator's.
+AIMET's quantization simulator refuses activations below 4 bits, so at A2 and A3 its two phases measure
+with 4-bit activations (``AIMET_MIN_ACT_BITS``; the record's ``aimet_act_bits``): its sensitivities and
+front are then those of a milder activation grid than the point's, and only its weight widths carry
+over; the plan is evaluated, like every arm's, at the point's activation bits.
 AIMET is an optional dependency (``pip install -r benchmarks/requirements-peers.txt``); without it this arm says so.
 """
 
@@ -37,6 +41,7 @@ from .search import AllocationResult, SearchLog
 from .space import AllocationError, ChannelSpace, Target, candidate_widths
 
 INSTALL_HINT = "pip install -r benchmarks/requirements-peers.txt (aimet-torch 2.42)"
+AIMET_MIN_ACT_BITS = 4  # aimet-torch 2.42: "Activation bitwidth must be between 4 and 32"
 
 
 def aimet_available() -> bool:
@@ -191,7 +196,8 @@ def aimet(evaluator: SearchEvaluator, target: Target, *, start_bits: int | None 
     start = widths[-1]
     log = SearchLog(evaluator, "aimet", progress, total=1)  # started before AIMET runs: its seconds include AIMET's
     with tempfile.TemporaryDirectory(prefix="cpq-aimet-") as folder:
-        flips, front, top_accuracy = run_aimet(evaluator, target.act_bits, widths, Path(folder))
+        aimet_act_bits = max(target.act_bits, AIMET_MIN_ACT_BITS)
+        flips, front, top_accuracy = run_aimet(evaluator, aimet_act_bits, widths, Path(folder))
     extra = extra_budgets(evaluator, target)
     plans = prefix_plans(space, flips, start)
     index = choose_front_point(space, plans, target.max_bits, extra)
@@ -208,6 +214,6 @@ def aimet(evaluator: SearchEvaluator, target: Target, *, start_bits: int | None 
                           "average_bits": round(space.average(plans[p.flips - 1]), 6)} for p in front],
                "phase1": [{"layers": list(f.layers), "bits": f.bits, "accuracy": round(f.accuracy, 6)} for f in flips],
                "front_point": index + 1, "layer_bits": dict(zip(space.names, layer_bits)),
-               "aimet_top_accuracy": round(top_accuracy, 6)}
+               "aimet_top_accuracy": round(top_accuracy, 6), "aimet_act_bits": aimet_act_bits}
     return log.result("aimet", bits, target, accuracy,
                       {"start_bits": start, "min_bits": min_bits, "spend_slack": spend_slack}, details)
