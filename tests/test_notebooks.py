@@ -186,9 +186,10 @@ def _cpu_flags() -> set[str]:
 RUNNABLE_SETTINGS = {name: setting for name, setting in KERNEL_SETTINGS.items()
                      if "avx512" not in name or "avx512f" in _cpu_flags()}
 EXPECTED_RUNTIME = {"no-avx": ({"DEFAULT"}, 1), "avx512-2-threads": ({"AVX512", "AVX2"}, 2)}  # AVX2 where the CPU has no AVX-512
-# training, quantization, scores, paths, a bit search, refinement (QAT), PTQ-SL's scale search, focused
-# quantization; 07 (six minutes) repeats 05's searches and 06's refinement over a grid, 10 reads committed CSVs
-PORTABILITY_NOTEBOOKS = ("01", "02", "03", "04", "05", "06", "08", "09")
+# training, quantization, scores, paths, a bit search, refinement (QAT), PTQ-SL's scale search; 07 (six
+# minutes) repeats 05's searches and 06's refinement over a grid and 09 (passed by hand) would take the
+# suite further past its time budget; 10 reads committed CSVs
+PORTABILITY_NOTEBOOKS = ("01", "02", "03", "04", "05", "06", "08")
 
 # float64 sums whose last bits depend on the kernels: proof that a setting changes the numerics at all
 NUMERICS_PROBE = """
@@ -227,7 +228,7 @@ def test_kernel_settings_change_the_last_bits():
 @pytest.mark.slow
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the kernel settings are x86-64 instruction sets")
 def test_stored_notebooks_pass_under_other_kernels(tmp_path):
-    """nbval on notebooks 01-06, 08 and 09, trained, scored, searched and refined from scratch under each
+    """nbval on notebooks 01-06 and 08, trained, scored, searched and refined from scratch under each
     other kernel setting (the settings run side by side, one process each): every checked output as stored.
 
     Their figures need not match: the numbers differ in their last bits by design, and a PDF coordinate

@@ -101,10 +101,16 @@ def test_pipeline_with_surgery(digits_baseline, digits, tmp_path):
     result = compress_model(model, digits, config, TrainConfig(epochs=1, lr=0.01, schedule="cosine", batch_size=64),
                             tmp_path, progress=False)
     stages = result["stages"].set_index("stage")
-    assert abs(stages.loc["pruned 2/2", "sparsity"] - 0.7) < 0.05  # measured, near the target
+    # measured, not the target: masks settle inside the hysteresis band (+-10% of the threshold magnitude),
+    # which holds about a tenth of a layer's weights around the target's quantile
+    measured = stages.loc["pruned 2/2", "sparsity"]
+    assert measured != 0.7 and abs(measured - 0.7) < 0.1
     focused = result["models"]["focused"]
-    for name in result["layers"]["layer"]:
-        assert abs(float((focused.get_submodule(name).weight == 0).double().mean()) - 0.7) < 0.05
+    zeros = [int((focused.get_submodule(name).weight == 0).sum()) for name in result["layers"]["layer"]]
+    weights = [focused.get_submodule(name).weight.numel() for name in result["layers"]["layer"]]
+    assert sum(zeros) / sum(weights) >= measured - 1e-12  # the folded masks stay zero (quantization may add zeros)
+    for z, w in zip(zeros, weights):
+        assert abs(z / w - 0.7) < 0.1
     with pytest.raises(ValueError, match="pruning 'surgery' needs scope 'layer' and prune_epochs >= 1"):
         CompressionConfig(pruning="surgery", prune_epochs=0)
     with pytest.raises(ValueError, match="pruning 'regrow' is not allowed"):
