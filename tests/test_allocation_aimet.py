@@ -82,3 +82,23 @@ def test_aimet_runs_on_the_quick_model_and_its_plan_is_its_front_point_plus_the_
     assert target.max_bits - 0.01 <= result.plan.meta["average_bits"] <= target.max_bits + 1e-9
     assert result.accuracy == pytest.approx(evaluator.evaluate(bits).accuracy)  # evaluated at the point's activations
     assert details["aimet_act_bits"] == max(act_bits, 4)
+
+
+@pytest.mark.parametrize(("act_bits", "aimet_act_bits"), [(2, 4), (3, 4), (4, 4), (8, 8)])
+def test_aimet_runs_at_the_points_activation_bits_or_its_minimum_of_4(monkeypatch, act_bits, aimet_act_bits):
+    """AIMET refuses activations below 4 bits: only then do its phases run at 4 (checked without AIMET)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_aimet(evaluator, act, widths, folder):
+        seen.append(act)
+        raise Stop
+
+    monkeypatch.setattr(aimet_amp, "aimet_available", lambda: True)
+    monkeypatch.setattr(aimet_amp, "run_aimet", fake_run_aimet)
+    evaluator = type("E", (), {"space": SPACE, "evaluations": 0, "seconds": 0.0})()
+    with pytest.raises(Stop):
+        aimet_amp.aimet(evaluator, Target(2.0, act_bits), progress=False)
+    assert seen == [aimet_act_bits]
