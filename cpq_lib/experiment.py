@@ -27,7 +27,7 @@ from .artefacts import ArtefactKey, check_same_key, read_key_file, write_key_fil
 from .allocation import NEEDS_SCORES, AllocationResult, SearchEvaluator, Target, allocate
 from .allocation.evaluator import bn_batches
 from .allocation.report import plan_digest
-from .allocation.statistics import pack_correct
+from .statistics import pack_correct
 from .classpath import ScoreSettings
 from .config import ExperimentConfig
 from .data import DataBundle, SearchData

@@ -245,7 +245,7 @@ def test_contrasts_add_mcnemar_per_seed_from_the_records():
     import pandas as pd
 
     from cpq_lib.allocation.report import contrast_table
-    from cpq_lib.allocation.statistics import mcnemar, pack_correct
+    from cpq_lib.statistics import mcnemar, pack_correct
 
     rng = np.random.default_rng(0)
     base = rng.random(1000) < 0.8

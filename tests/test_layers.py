@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cpq_lib"
-BOTTOM = {"artefacts", "config", "cpu_env", "devices", "errors", "fileio", "lock", "progress", "provenance", "runtime", "data", "models"}
+BOTTOM = {"artefacts", "config", "cpu_env", "devices", "errors", "fileio", "lock", "progress", "provenance", "runtime", "statistics",
+          "data", "models"}
 CORE = {"quant"}
 TRAINING = {"train"}
 METHODS = {"classpath", "allocation", "ptq", "sparse"}

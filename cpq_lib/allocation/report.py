@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..classpath import ClassScores
 from ..quant import BitPlan
-from .statistics import Interval, mcnemar, mean_interval, paired_difference, unpack_correct
+from ..statistics import Interval, mcnemar, mean_interval, paired_difference, unpack_correct
 
 
 def plan_digest(plan: BitPlan | dict) -> str:

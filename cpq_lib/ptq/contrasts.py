@@ -13,27 +13,15 @@ channel-wise) and reads the test split for them only.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import pandas as pd
-from scipy import stats
 from torch import nn
 
+from ..statistics import mean_interval
 from ..train import evaluate
 from .search import ScaleSearchConfig
 from .study import LAYOUTS, parse_target, ptqsl_study, run_configuration
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, lower, upper) of a Student-t interval; the interval is NaN with fewer than two values."""
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def study_over_seeds(model: nn.Module, data, targets: Sequence[str], calibration_for: Callable[[int], list], seeds: Sequence[int],
@@ -62,9 +50,9 @@ def reordering_contrasts(results: pd.DataFrame, accuracy: str = "val_accuracy") 
                        for _, r in group.iterrows() if (target, searched, layout, r["seed"]) in plain.index]
         if not differences:
             continue
-        mean, low, high = mean_ci(differences)
+        interval = mean_interval(differences)
         row = {"target": target, "search": bool(searched), "granularity": layout, "reorder": reorder,
-               "scales": int(group["scales"].iloc[0]), "seeds": len(differences), "difference": mean, "ci_low": low, "ci_high": high}
+               "scales": int(group["scales"].iloc[0]), "seeds": len(differences), "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high}
         if "metadata_bits" in group.columns:
             row["metadata_bits"] = int(group["metadata_bits"].iloc[0])
         rows.append(row)
@@ -114,9 +102,9 @@ def evaluate_chosen(model: nn.Module, data, chosen: pd.DataFrame, calibration_fo
     for r in chosen.itertuples():
         channel = [accuracy_of(r.target, "channel", "none", r.search, s) for s in seeds]
         picked = [accuracy_of(r.target, r.chosen, r.reorder, r.search, s) for s in seeds]
-        mean, low, high = mean_ci([100 * (p - c) for p, c in zip(picked, channel)])
+        interval = mean_interval([100 * (p - c) for p, c in zip(picked, channel)])
         rows.append({"target": r.target, "search": r.search, "reorder": r.reorder, "chosen": r.chosen,
                      "chosen_scales": r.chosen_scales, f"channel_{split}": 100 * sum(channel) / len(channel),
-                     f"chosen_{split}": 100 * sum(picked) / len(picked), "difference": mean, "ci_low": low, "ci_high": high,
+                     f"chosen_{split}": 100 * sum(picked) / len(picked), "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
                      "seeds": len(seeds)})
     return pd.DataFrame(rows)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cpq_lib.allocation.statistics import mcnemar, mean_interval, pack_correct, paired_difference, unpack_correct
+from cpq_lib.statistics import mcnemar, mean_interval, pack_correct, paired_difference, unpack_correct
 
 
 def test_mean_interval_is_the_student_t_interval():

@@ -1,10 +1,10 @@
-"""How a comparison of allocators is read (GUIDE section 3): means with confidence intervals over seeds,
-pre-specified contrasts as paired differences (same seed, same data split, same test images), and an
-exact McNemar test per seed over the test images the two arms classify differently.
+"""How a comparison is read (GUIDE section 3), for every method's studies: means with confidence intervals
+over seeds, pre-specified contrasts as paired differences (same seed, same data split, same test images),
+and an exact McNemar test per seed over the test images two arms classify differently.
 
-The seed pairs the arms: it fixes the calibration and BatchNorm images, the search subset and the
-refinement's data order, so a paired difference removes what the arms share. Intervals are Student-t
-over seeds (few seeds: wide intervals, which is the honest answer); scipy supplies the distributions.
+The seed pairs the arms: it fixes the calibration images, the search subsets and the fine-tuning's data
+order, so a paired difference removes what the arms share. Intervals are Student-t over seeds (few seeds:
+wide intervals, which is the honest answer); scipy supplies the distributions.
 """
 
 from __future__ import annotations
