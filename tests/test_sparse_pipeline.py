@@ -162,3 +162,31 @@ def test_a_longer_final_step_ends_at_its_best_validation_epoch(digits_baseline, 
     assert (tmp_path / "baseline.best").is_file() and (tmp_path / "pruned-only.best").is_file()
     with pytest.raises(ValueError, match="final_epochs must be a positive integer or None, got 0"):
         CompressionConfig(final_epochs=0)
+
+
+def test_command_line_runs_each_seed_in_its_own_folders_and_reads_them_together(tmp_path, quick_baseline_dir, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from cpq_lib.sparse.__main__ import main
+    from cpq_lib.sparse.pipeline import load_results
+
+    run = tmp_path / "runs"
+    shutil.copytree(quick_baseline_dir, run / "baseline")
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--run-dir", str(run / "focused"), "--sparsity", "0.6", "--prune-steps", "1", "--prune-epochs", "0",
+            "--fractions", "1.0", "--bits", "4", "--baseline-bits", "3"]
+    assert main([*argv, "--seeds", "1", "1"]) == 2 and "--seeds [1, 1]: each seed once" in capsys.readouterr().err
+    assert main([*argv, "--seeds", "0", "1"]) == 0
+    runs = [load_results(out / f"s{seed}") for seed in (0, 1)]
+    assert [r["config"]["seed"] for r in runs] == [0, 1] and [r["record"]["config"]["seed"] for r in runs] == [0, 1]
+    assert (run / "focused" / "s0" / "baseline.pt").is_file() and (run / "focused" / "s1" / "baseline.pt").is_file()
+    # the seed reaches the fine-tuning: the focused weights, so their coded sizes, differ (this model's accuracies saturate)
+    assert runs[0]["sizes"]["bits"].tolist() != runs[1]["sizes"]["bits"].tolist()
+    accuracy = pd.read_csv(out / "accuracy.csv").set_index("method")
+    for method in ("focused", "deep compression", "pruned only"):
+        assert accuracy.loc[method, "mean"] == pytest.approx(50 * (runs[0]["test_accuracy"][method] + runs[1]["test_accuracy"][method]))
+    contrasts = pd.read_csv(out / "contrasts.csv")
+    assert contrasts["pairs"].tolist() == [2, 2, 2]
+    assert {"ratios.csv", "stages.csv"} <= {p.name for p in out.iterdir()}

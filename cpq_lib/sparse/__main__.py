@@ -22,12 +22,14 @@ from pathlib import Path
 
 from ..cli import check_output_folder, fail, integer_at_least, integer_between, parse_overrides, positive_float
 from ..config import PROFILES, make_config
+from ..fileio import atomic_write_text
 from ..pipeline import baseline_model, load_data
 from ..provenance import run_record
 from ..runtime import configure_for
 from .focused import ASSIGNMENTS, LEVEL_SETS, MAX_BITS, MIN_BITS
-from .pipeline import PRUNING_METHODS, CompressionConfig, compress_model, save_results
+from .pipeline import PRUNING_METHODS, CompressionConfig, compress_model, load_results, save_results
 from .pruning import SCOPES
+from .seeds import accuracy_over_seeds, contrasts_over_seeds, ratios_over_seeds, stages_over_seeds
 
 
 def _sparsity(default: float, pairs: list[str]):
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the same total and the same choice)")
     parser.add_argument("--lr", type=positive_float, default=0.01)
     parser.add_argument("--seed", type=integer_at_least(0), default=0)
+    parser.add_argument("--seeds", type=integer_at_least(0), nargs="+", default=None,
+                        help="one run per seed (<out>/s<seed>, stages in <run-dir>/s<seed>), then each method's test accuracy "
+                             "and ratio with 95%% intervals and the paired contrasts (<out>/accuracy.csv, ratios.csv, "
+                             "contrasts.csv, stages.csv)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=integer_at_least(1), default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"seed": args.seed, "device": args.device, **({"data.root": args.data_root} if args.data_root else {}),
                      **({"threads": args.threads} if args.threads is not None else {}), **parse_overrides(args.set)}
         config = make_config(args.profile, overrides)
+        if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+            raise ValueError(f"--seeds {args.seeds}: each seed once")
         compression = CompressionConfig(sparsity=_sparsity(args.sparsity, args.layer_sparsity), scope=args.scope, pruning=args.pruning, prune_steps=args.prune_steps,
                                         prune_epochs=args.prune_epochs, bits=args.bits, levels=args.levels,
                                         assignment=args.assignment, hardware=args.hardware, refit=args.refit,
@@ -102,14 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     runtime = configure_for(config)
     data = load_data(config)
     model, _ = baseline_model(config, data, Path("runs") / args.profile if args.run_dir is None else run_dir.parent, progress=True)
+    command = " ".join(["python -m cpq_lib.sparse", *(argv if argv is not None else sys.argv[1:])])
+    if args.seeds is None:
+        _run_one(model, data, config, compression, train, run_dir, out, runtime, command)
+        return 0
+    results = []
+    for seed in args.seeds:  # each seed its own stage folder: a killed study resumes at its last epoch
+        seeded = dataclasses.replace(compression, seed=seed)
+        _run_one(model, data, dataclasses.replace(config, seed=seed), seeded, train, run_dir / f"s{seed}", out / f"s{seed}",
+                 runtime, command)
+        results.append(load_results(out / f"s{seed}"))
+    tables = {"accuracy": accuracy_over_seeds(results), "ratios": ratios_over_seeds(results),
+              "contrasts": contrasts_over_seeds(results), "stages": stages_over_seeds(results)}
+    for name, table in tables.items():
+        atomic_write_text(table.to_csv(index=False), out / f"{name}.csv")
+        print(table.round(2).to_string(index=False))
+    return 0
+
+
+def _run_one(model, data, config, compression: CompressionConfig, train, run_dir: Path, out: Path, runtime: dict,
+             command: str) -> None:
+    """One seed's pipeline, its tables and summary (configuration, environment, command) saved to ``out``."""
     result = compress_model(model, data, compression, train, run_dir, config.resolved_device(), progress=True)
-    record = run_record(config, {"runtime": runtime, "command": " ".join(["python -m cpq_lib.sparse", *(argv if argv is not None else sys.argv[1:])])})
+    record = run_record(config, {"runtime": runtime, "command": command})
     save_results(result, out, {"record": json.loads(json.dumps(record, default=str))})
     sizes = result["sizes"]
     print(result["stages"].to_string(index=False))
     print(sizes[sizes["layer"] == "total"][["method", "coder", "bits", "ratio"]].to_string(index=False))
     print("test accuracy:", result["test_accuracy"])
-    return 0
 
 
 if __name__ == "__main__":
