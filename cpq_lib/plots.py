@@ -514,13 +514,15 @@ def before_after(frame: pd.DataFrame, title: str = "") -> plt.Figure:
 
 def accuracy_vs_granularity(results: pd.DataFrame, float_accuracy: float | None = None, title: str = "") -> plt.Figure:
     """Per target, validation accuracy against the number of weight scales, one line per variant
-    (reordering x search); dotted: channel-wise; dashed: full precision (``results``: ptqsl_study rows)."""
+    (reordering x search); dotted: channel-wise; dashed: full precision (``results``: ptqsl_study rows;
+    with a ``seed`` column, the mean over seeds; layouts with equal scale counts sit at one x)."""
     targets = list(dict.fromkeys(results["target"]))
     columns = min(2, len(targets))
     rows = int(np.ceil(len(targets) / columns))
     fig, axes = new_figure("full", 2.0 * rows + 0.5, rows, columns)
     variant = results["reorder"].map(name) + results["search"].map({True: " + scale search", False: ""})
-    frame = results.assign(accuracy=100 * results["val_accuracy"], variant=variant)
+    frame = (results.assign(accuracy=100 * results["val_accuracy"], variant=variant)
+             .groupby(["target", "variant", "granularity"], sort=False, as_index=False).agg(scales=("scales", "first"), accuracy=("accuracy", "mean")))
     variants = list(dict.fromkeys(frame["variant"]))
     for ax, target in zip(axes.flat, targets):
         part = frame[frame["target"] == target]
@@ -536,6 +538,35 @@ def accuracy_vs_granularity(results: pd.DataFrame, float_accuracy: float | None 
     for ax in axes.flat[len(targets):]:
         ax.axis("off")
     _legend_below(fig, ncol=min(4, len(variants)))
+    return _finish(fig, title)
+
+
+def reordering_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Reordered - plain at the same layout, in points, with its confidence interval, one panel per target
+    and search setting, one marker per reordering (``contrasts``: ``cpq_lib.ptq.reordering_contrasts`` rows)."""
+    panels = list(dict.fromkeys(zip(contrasts["target"], contrasts["search"])))
+    columns = min(2, len(panels))
+    rows = int(np.ceil(len(panels) / columns))
+    fig, axes = new_figure("full", 1.8 * rows + 0.6, rows, columns, sharey=True)
+    reorders = list(dict.fromkeys(contrasts["reorder"]))
+    layouts = list(dict.fromkeys(contrasts.sort_values("scales", kind="stable")["granularity"]))
+    for ax, (target, searched) in zip(axes.flat, panels):
+        part = contrasts[(contrasts["target"] == target) & (contrasts["search"] == searched)]
+        for index, reorder in enumerate(reorders):
+            rows_ = part[part["reorder"] == reorder].set_index("granularity").reindex(layouts).dropna(subset=["difference"])
+            xs = np.array([layouts.index(g) for g in rows_.index]) + (index - (len(reorders) - 1) / 2) * 0.2
+            low = (rows_["difference"] - rows_["ci_low"]).fillna(0).clip(lower=0)
+            high = (rows_["ci_high"] - rows_["difference"]).fillna(0).clip(lower=0)
+            ax.errorbar(xs, rows_["difference"], yerr=[low, high], fmt=MARKERS[index], color=PALETTE[index], capsize=2,
+                        lw=0.8, ms=3.5, label=name(reorder))
+        ax.axhline(0, color="0.4", lw=0.8, ls=":")
+        ax.set_xticks(range(len(layouts)), layouts, rotation=35, ha="right")
+        ax.set(title=f"{target}, {'scale search' if searched else 'no search'}")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("reordered - plain (points)")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    _legend_below(fig, ncol=len(reorders))
     return _finish(fig, title)
 
 

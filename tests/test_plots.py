@@ -47,6 +47,18 @@ def _ptqsl() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _contrasts() -> pd.DataFrame:
+    rows = []
+    for target in ("W4A4", "W3A4"):
+        for search in (False, True):
+            for g, (granularity, scales) in enumerate((("4x1", 72), ("8x2", 288), ("16x2", 576), ("C/2x2", 672))):
+                for reorder in ("permute", "index_sort"):
+                    difference = 0.5 * g - 0.3 * search
+                    rows.append({"target": target, "search": search, "granularity": granularity, "reorder": reorder, "scales": scales,
+                                 "seeds": 3, "difference": difference, "ci_low": difference - 0.4, "ci_high": difference + 0.6})
+    return pd.DataFrame(rows)
+
+
 def _stages() -> pd.DataFrame:
     names = ["float", "pruned 1/2", "pruned 2/2", "focused 0.5", "focused 1", "deep compression 5-bit"]
     return pd.DataFrame({"stage": names, "sparsity": [0, .5, .8, .8, .8, .8], "val_accuracy": [.9, .89, .88, .87, .88, .87]})
@@ -106,6 +118,9 @@ CASES = {
         bitops=lambda t: 1.2e7 + 1e5 * np.arange(len(t))), "bitops", log_x=True),
     "before_after": lambda: plots.before_after(_runs()),
     "accuracy_vs_granularity": lambda: plots.accuracy_vs_granularity(_ptqsl(), 0.9),
+    "accuracy_vs_granularity_seeds": lambda: plots.accuracy_vs_granularity(
+        pd.concat([_ptqsl().assign(seed=s, val_accuracy=lambda f: f["val_accuracy"] + 0.01 * s) for s in range(3)]), 0.9),
+    "reordering_contrasts": lambda: plots.reordering_contrasts(_contrasts()),
     "pipeline_accuracy": lambda: plots.pipeline_accuracy(_stages()),
     "memory_vs_size": lambda: plots.memory_vs_size(pd.DataFrame({
         "images": [600, 6000, 600, 6000], "peak_rss_mb": [690.0, 700.0, 720.0, 1310.0],
@@ -286,3 +301,26 @@ def test_heatmaps_draw_no_grid_lines():
     for ax in fig.axes[:2]:
         assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
     plt.close(fig)
+
+
+def test_granularity_lines_are_means_over_seeds():
+    seeds = pd.concat([_ptqsl().assign(seed=s, val_accuracy=lambda f, s=s: f["val_accuracy"] + 0.01 * s) for s in range(3)])
+    fig = plots.accuracy_vs_granularity(seeds)
+    try:
+        line = fig.axes[0].get_lines()[0]  # W4A8, the first variant: one point per layout, seeds averaged (+0.01 on average)
+        expected = 100 * (_ptqsl().query("target == 'W4A8' and reorder == 'none' and not search")["val_accuracy"] + 0.01)
+        assert list(line.get_xdata()) == [18, 72, 672, 2000]
+        assert np.allclose(line.get_ydata(), expected.to_numpy())
+    finally:
+        plt.close(fig)
+
+
+def test_contrast_bars_span_their_intervals():
+    fig = plots.reordering_contrasts(_contrasts())
+    try:
+        assert [ax.get_title() for ax in fig.axes[:4]] == ["W4A4, no search", "W4A4, scale search", "W3A4, no search", "W3A4, scale search"]
+        container = fig.axes[0].containers[0]  # permute, W4A4 without search: differences 0, 0.5, 1, 1.5; CI -0.4 / +0.6
+        segments = container.lines[2][0].get_segments()
+        assert [tuple(np.round(s[:, 1], 6)) for s in segments] == [(-0.4, 0.6), (0.1, 1.1), (0.6, 1.6), (1.1, 2.1)]
+    finally:
+        plt.close(fig)
