@@ -79,3 +79,15 @@ def test_command_line_over_seeds_reads_the_test_split_for_the_chosen_layouts_onl
     assert len(tested) == 2 and set(tested["search"]) == {False, True} and tested["chosen_test"].between(0, 100).all()
     assert main([*argv[:-3], "--test-chosen"]) == 2 and "--test-chosen needs --seeds" in capsys.readouterr().err
     assert main([*argv, "--splits", "val", "test"]) == 2 and "leave test out of --splits" in capsys.readouterr().err
+
+
+def test_mean_over_seeds_gives_one_row_per_configuration():
+    from cpq_lib.ptq import mean_over_seeds
+
+    table = _table().assign(search_seconds=lambda f: 1.0 + f["seed"])
+    means = mean_over_seeds(table)
+    assert len(means) == len(table) // 3 and (means["seeds"] == 3).all() and "seed" not in means.columns
+    row = means.set_index(["granularity", "reorder"]).loc[("8x1", "permute")]
+    assert row["val_accuracy"] == pytest.approx(0.74 + 0.01) and row["search_seconds"] == pytest.approx(2.0)  # (0 + 1 - 1)/3 + 0.01
+    assert row["metadata_bits"] == 32 * 16 and row["scales"] == 16
+    assert mean_over_seeds(table.drop(columns="seed")).equals(table.drop(columns="seed"))  # one study: as it is

@@ -24,6 +24,21 @@ from .search import ScaleSearchConfig
 from .study import LAYOUTS, parse_target, ptqsl_study, run_configuration
 
 
+CONFIGURATION = ["target", "granularity", "reorder", "search"]
+
+
+def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: accuracies and search measures averaged over the seeds, a ``seeds`` count;
+    what tables and figures made for one study read (a table without a ``seed`` column comes back as is)."""
+    if "seed" not in results.columns:
+        return results
+    averaged = [c for c in results.columns if c.endswith("_accuracy") or c in ("search_seconds", "metric_start", "metric_end")]
+    rest = [c for c in results.columns if c not in (*CONFIGURATION, *averaged, "seed")]
+    grouped = results.groupby(CONFIGURATION, sort=False, as_index=False, dropna=False)
+    means = grouped.agg(**{c: (c, "mean") for c in averaged}, **{c: (c, "first") for c in rest}, seeds=("seed", "nunique"))
+    return means[[c for c in results.columns if c != "seed"] + ["seeds"]]
+
+
 def study_over_seeds(model: nn.Module, data, targets: Sequence[str], calibration_for: Callable[[int], list], seeds: Sequence[int],
                      out_stem: str | None = None, search: ScaleSearchConfig | None = None, **study) -> pd.DataFrame:
     """:func:`ptqsl_study` once per seed (its own calibration images and search seed, its own resumable CSV
