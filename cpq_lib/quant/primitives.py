@@ -137,7 +137,7 @@ class _FakeQuantize(torch.autograd.Function):
         x, scale, zero_point, qmin, qmax, binary = ctx.saved_tensors
         zero_point = zero_point if ctx.has_zero_point else None
         binary = binary if binary.numel() else None
-        scaled = x / scale
+        scaled = x * (1.0 / scale)  # the forward's arithmetic: x / s can round a value near a half the other way
         rounded = round_to_level(scaled) + (zero_point if zero_point is not None else 0.0)
         inside = (rounded >= qmin) & (rounded <= qmax)
         if binary is not None:
