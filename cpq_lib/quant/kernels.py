@@ -96,7 +96,7 @@ def _fake_quantize_symmetric(x, inv_scale, scale, qmin, qmax):
 def _lsq_gradients(grad, x, scale, qmin, qmax):
     """LSQ's backward for a symmetric per-tensor quantizer, element-wise: the input's gradient and each
     element's share of the step size's (summed by the caller, in torch's order)."""
-    scaled = x / scale
+    scaled = x * (1.0 / scale)  # as the forward and the generic backward scale
     rounded = torch.round(scaled) + 0.0  # as the generic backward: -0.0 codes become +0.0
     inside = (rounded >= qmin) & (rounded <= qmax)
     codes = torch.clamp(rounded, qmin, qmax)
