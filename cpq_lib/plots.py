@@ -513,28 +513,33 @@ def before_after(frame: pd.DataFrame, title: str = "") -> plt.Figure:
 # --- 08 granularity ----------------------------------------------------------------------------------
 
 def accuracy_vs_granularity(results: pd.DataFrame, float_accuracy: float | None = None, title: str = "") -> plt.Figure:
-    """Per target, validation accuracy against the number of weight scales, one line per variant
-    (reordering x search); dotted: channel-wise; dashed: full precision (``results``: ptqsl_study rows;
-    with a ``seed`` column, the mean over seeds; layouts with equal scale counts sit at one x)."""
+    """Per target, validation accuracy per layout, the layouts in order of their number of weight scales
+    (in brackets; layouts with equally many, such as channel-wise and C/2x2, side by side), one line per
+    variant (reordering x search); dotted: channel-wise; dashed: full precision (``results``:
+    ptqsl_study rows; with a ``seed`` column, the mean over seeds)."""
     targets = list(dict.fromkeys(results["target"]))
     columns = min(2, len(targets))
     rows = int(np.ceil(len(targets) / columns))
-    fig, axes = new_figure("full", 2.0 * rows + 0.5, rows, columns)
+    fig, axes = new_figure("full", 2.2 * rows + 0.6, rows, columns)
     variant = results["reorder"].map(name) + results["search"].map({True: " + scale search", False: ""})
     frame = (results.assign(accuracy=100 * results["val_accuracy"], variant=variant)
              .groupby(["target", "variant", "granularity"], sort=False, as_index=False).agg(scales=("scales", "first"), accuracy=("accuracy", "mean")))
+    layouts = (frame.drop_duplicates("granularity").assign(other=lambda f: f["granularity"] != "channel")
+               .sort_values(["scales", "other"], kind="stable"))  # channel-wise first among its equals
+    position = {g: i for i, g in enumerate(layouts["granularity"])}
     variants = list(dict.fromkeys(frame["variant"]))
     for ax, target in zip(axes.flat, targets):
         part = frame[frame["target"] == target]
         for index, label in enumerate(variants):
-            rows_ = part[part["variant"] == label].sort_values("scales")
-            ax.plot(rows_["scales"], rows_["accuracy"], label=label, **_style(index))
-        channel = part.loc[part["granularity"] == "channel", "scales"]
-        if len(channel):
-            ax.axvline(channel.iloc[0], color="0.4", ls=":", lw=0.8)
+            rows_ = part[part["variant"] == label].assign(x=lambda f: f["granularity"].map(position)).sort_values("x")
+            ax.plot(rows_["x"], rows_["accuracy"], label=label, **_style(index))
+        if "channel" in position:
+            ax.axvline(position["channel"], color="0.4", ls=":", lw=0.8)
         if float_accuracy is not None:
             ax.axhline(100 * float_accuracy, color="0.4", ls="--", lw=0.8)
-        ax.set(xscale="log", title=target, xlabel="weight scales in the model", ylabel="validation top-1 (%)")
+        ax.set_xticks(range(len(layouts)), [f"{g} ({s})" for g, s in zip(layouts["granularity"], layouts["scales"])],
+                      rotation=35, ha="right")
+        ax.set(title=target, xlabel="layout (weight scales in the model)", ylabel="validation top-1 (%)")
     for ax in axes.flat[len(targets):]:
         ax.axis("off")
     _legend_below(fig, ncol=min(4, len(variants)))
@@ -547,7 +552,7 @@ def reordering_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure
     panels = list(dict.fromkeys(zip(contrasts["target"], contrasts["search"])))
     columns = min(2, len(panels))
     rows = int(np.ceil(len(panels) / columns))
-    fig, axes = new_figure("full", 1.8 * rows + 0.6, rows, columns, sharey=True)
+    fig, axes = new_figure("full", 1.8 * rows + 0.6, rows, columns)  # own y scales: without the search gains reach tens of points
     reorders = list(dict.fromkeys(contrasts["reorder"]))
     layouts = list(dict.fromkeys(contrasts.sort_values("scales", kind="stable")["granularity"]))
     for ax, (target, searched) in zip(axes.flat, panels):

@@ -309,7 +309,8 @@ def test_granularity_lines_are_means_over_seeds():
     try:
         line = fig.axes[0].get_lines()[0]  # W4A8, the first variant: one point per layout, seeds averaged (+0.01 on average)
         expected = 100 * (_ptqsl().query("target == 'W4A8' and reorder == 'none' and not search")["val_accuracy"] + 0.01)
-        assert list(line.get_xdata()) == [18, 72, 672, 2000]
+        assert list(line.get_xdata()) == [0, 1, 2, 3]  # the layouts in order of their scales
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["layer (18)", "4x1 (72)", "channel (672)", "16x4 (2000)"]
         assert np.allclose(line.get_ydata(), expected.to_numpy())
     finally:
         plt.close(fig)
