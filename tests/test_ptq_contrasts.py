@@ -91,3 +91,23 @@ def test_mean_over_seeds_gives_one_row_per_configuration():
     assert row["val_accuracy"] == pytest.approx(0.74 + 0.01) and row["search_seconds"] == pytest.approx(2.0)  # (0 + 1 - 1)/3 + 0.01
     assert row["metadata_bits"] == 32 * 16 and row["scales"] == 16
     assert mean_over_seeds(table.drop(columns="seed")).equals(table.drop(columns="seed"))  # one study: as it is
+
+
+def test_report_of_a_study_over_seeds_shows_means_intervals_and_the_test_reading(tmp_path, capsys):
+    from cpq_lib.ptq.__main__ import main
+
+    table = _table()
+    stem = tmp_path / "study"
+    table.to_csv(f"{stem}.csv", index=False)
+    assert main(["--report", f"{stem}.csv"]) == 0  # without the sibling files: contrasts computed, no test table
+    text = capsys.readouterr().out
+    assert "Mean over calibration seeds [0, 1, 2]:" in text
+    assert "| W4A4 | permute | 75.00 | 79.00 |  | 90.00 |" in text  # means over seeds (8x1: 0.74 + 0.01 on average)
+    assert "| W4A4 | no | permute | +5.00 [+2.52, +7.48] | +1.00 [+1.00, +1.00] |" in text  # 8x1 then 16x2, paired by seed
+    assert "test split read once" not in text
+    tested = pd.DataFrame([{"target": "W4A4", "search": False, "reorder": "permute", "chosen": "16x2", "chosen_scales": 64,
+                            "channel_test": 80.0, "chosen_test": 80.5, "difference": 0.5, "ci_low": -0.25, "ci_high": 1.25, "seeds": 3}])
+    tested.to_csv(f"{stem}-test.csv", index=False)
+    assert main(["--report", f"{stem}.csv"]) == 0
+    text = capsys.readouterr().out
+    assert "| W4A4 | no | permute | 16x2 (64) | 80.00 | 80.50 | +0.50 [-0.25, +1.25] |" in text

@@ -28,7 +28,7 @@ from ..provenance import run_record
 from ..runtime import configure_for
 from .reorder import REORDER_METHODS
 from .search import METRICS, ScaleSearchConfig
-from .contrasts import choose_layouts, evaluate_chosen, reordering_contrasts, study_over_seeds
+from .contrasts import choose_layouts, evaluate_chosen, markdown_over_seeds, reordering_contrasts, study_over_seeds
 from .study import (
     DEFAULT_GRANULARITIES, LAYOUTS, SPLITS, check_resumable, markdown_report, parse_target, ptqsl_study, read_study_csv, study_key,
 )
@@ -83,6 +83,13 @@ def report(path: str, splits: list[str]) -> int:
         why = (f"it lacks the columns {missing}" if missing else
                "it has no accuracy column (train_accuracy, val_accuracy or test_accuracy)" if accuracy is None else "it has no rows")
         return fail(f"--report {csv} is not a study CSV written by python -m cpq_lib.ptq: {why}")
+    if "seed" in table.columns:  # a study over seeds: its contrasts and test reading sit beside it
+        stem = str(csv.with_suffix(""))
+        contrasts = Path(f"{stem}-contrasts.csv")
+        tested = Path(f"{stem}-test.csv")
+        print(markdown_over_seeds(table, pd.read_csv(contrasts) if contrasts.is_file() else reordering_contrasts(table, accuracy),
+                                  pd.read_csv(tested) if tested.is_file() else None, accuracy), end="")
+        return 0
     print(markdown_report(table, accuracy))
     return 0
 

@@ -123,3 +123,36 @@ def evaluate_chosen(model: nn.Module, data, chosen: pd.DataFrame, calibration_fo
                      f"chosen_{split}": 100 * sum(picked) / len(picked), "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
                      "seeds": len(seeds)})
     return pd.DataFrame(rows)
+
+
+def markdown_over_seeds(results: pd.DataFrame, contrasts: pd.DataFrame, tested: pd.DataFrame | None = None,
+                        accuracy: str = "val_accuracy") -> str:
+    """A study over seeds as Markdown: the mean accuracy table, reordered - plain per layout with its interval
+    (one row per target, search and reordering), and the layouts chosen on validation against channel-wise
+    on the test split."""
+    from .study import markdown_report
+
+    seeds = sorted(set(results["seed"])) if "seed" in results.columns else []
+    lines = [f"Mean over calibration seeds {seeds}:", "", markdown_report(mean_over_seeds(results), accuracy), ""]
+    if not contrasts.empty:
+        layouts = list(dict.fromkeys(contrasts.sort_values("scales", kind="stable")["granularity"]))
+        scales = contrasts.drop_duplicates("granularity").set_index("granularity")["scales"]
+        lines += ["Reordered - plain at the same layout (points), mean over seeds [95% interval]:", "",
+                  "| target | search | reordering | " + " | ".join(f"{g} ({scales[g]})" for g in layouts) + " |",
+                  "|" + "---|" * (len(layouts) + 3)]
+        for (target, searched, reorder), group in contrasts.groupby(["target", "search", "reorder"], sort=False):
+            by_layout = group.set_index("granularity")
+            cells = [f"{by_layout.loc[g, 'difference']:+.2f} [{by_layout.loc[g, 'ci_low']:+.2f}, {by_layout.loc[g, 'ci_high']:+.2f}]"
+                     if g in by_layout.index else "" for g in layouts]
+            lines.append(f"| {target} | {'yes' if searched else 'no'} | {reorder} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if tested is not None and not tested.empty:
+        split = next(c[len("channel_"):] for c in tested.columns if c.startswith("channel_") and c != "channel_scales")
+        lines += [f"Chosen on validation (no more scales than channel-wise), {split} split read once:", "",
+                  f"| target | search | reordering | chosen (scales) | channel-wise {split} (%) | chosen {split} (%) | difference [95% interval] |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in tested.itertuples():
+            lines.append(f"| {r.target} | {'yes' if r.search else 'no'} | {r.reorder} | {r.chosen} ({r.chosen_scales}) | "
+                         f"{getattr(r, f'channel_{split}'):.2f} | {getattr(r, f'chosen_{split}'):.2f} | "
+                         f"{r.difference:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] |")
+    return "\n".join(lines).rstrip() + "\n"
