@@ -1,13 +1,14 @@
 """``python -m cpq_lib.ptq``: PTQ-SL's granularity study of a profile's baseline, written to a resumable CSV.
 
-Example (the committed CIFAR-10 table)::
+Example (the committed CIFAR-10 study over three calibration seeds, with the test reading)::
 
     python -m cpq_lib.ptq --profile cifar10 --data-root ../shared/data/cifar10-jpeg.zip \\
-        --targets W4A8 W4A4 W3A8 W3A4 --splits val test --out results/cifar10/ptqsl.csv
+        --targets W4A4 W3A4 --granularities layer 4x1 8x1 8x2 16x2 C/2x2 C/4x4 channel \\
+        --reorders none permute index_sort --seeds 0 1 2 --test-chosen --out results/cifar10/ptqsl-seeds.csv
 
 Next to the CSV, ``<out>.json`` records the configuration, the search settings and the environment.
-``--report CSV`` prints the Markdown report (accuracy table, Spearman's rho, reordering verdict) of a
-finished study without running anything.
+``--report CSV`` prints the Markdown report (accuracy table, Spearman's rho, reordering verdict; for a
+study over seeds also the paired contrasts and the test reading) of a finished study without running anything.
 """
 
 from __future__ import annotations
