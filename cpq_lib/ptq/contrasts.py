@@ -21,7 +21,7 @@ from torch import nn
 from ..statistics import mean_interval
 from ..train import evaluate
 from .search import ScaleSearchConfig
-from .study import LAYOUTS, parse_target, ptqsl_study, run_configuration
+from .study import LAYOUTS, markdown_report, parse_target, ptqsl_study, run_configuration
 
 
 CONFIGURATION = ["target", "granularity", "reorder", "search"]
@@ -130,8 +130,6 @@ def markdown_over_seeds(results: pd.DataFrame, contrasts: pd.DataFrame, tested: 
     """A study over seeds as Markdown: the mean accuracy table, reordered - plain per layout with its interval
     (one row per target, search and reordering), and the layouts chosen on validation against channel-wise
     on the test split."""
-    from .study import markdown_report
-
     seeds = sorted(set(results["seed"])) if "seed" in results.columns else []
     lines = [f"Mean over calibration seeds {seeds}:", "", markdown_report(mean_over_seeds(results), accuracy), ""]
     if not contrasts.empty:

@@ -21,8 +21,8 @@ from ..statistics import mean_interval, paired_difference
 CONTRASTS = (("focused", "deep compression"), ("focused", "pruned only"), ("deep compression", "pruned only"))
 
 
-def _check_alike(results: Sequence[Mapping[str, Any]]) -> list[int]:
-    """The seeds of ``results``; refuses runs whose settings differ in anything but the seed, and repeated seeds."""
+def _check_alike(results: Sequence[Mapping[str, Any]]) -> None:
+    """Refuses runs whose settings differ in anything but the seed, and repeated seeds."""
     if not results:
         raise ValueError("results: give at least one saved compression result")
     settings = [({k: v for k, v in r["config"].items() if k != "seed"}, r["train"]) for r in results]
@@ -34,31 +34,28 @@ def _check_alike(results: Sequence[Mapping[str, Any]]) -> list[int]:
     seeds = [int(r["config"]["seed"]) for r in results]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"results repeat a seed ({seeds}): each seed once")
-    return seeds
 
 
-def _row(interval, scale: float = 1.0) -> dict[str, float]:
-    return {"mean": scale * interval.mean, "ci_low": scale * interval.low, "ci_high": scale * interval.high}
+def _row(interval) -> dict[str, float]:
+    return {"mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high}
 
 
 def accuracy_over_seeds(results: Sequence[Mapping[str, Any]], level: float = 0.95) -> pd.DataFrame:
     """Per method: test top-1 (points) mean and interval over seeds, and each seed's value."""
-    seeds = _check_alike(results)
+    _check_alike(results)
     methods = list(dict.fromkeys(m for r in results for m in r["test_accuracy"]))
     rows = []
     for method in methods:
         values = [100 * r["test_accuracy"][method] for r in results if method in r["test_accuracy"]]
         rows.append({"method": method, "seeds": len(values), **_row(mean_interval(values, level)),
                      "per_seed": " / ".join(f"{v:.2f}" for v in values)})
-    frame = pd.DataFrame(rows)
-    frame.attrs["seeds"] = seeds
-    return frame
+    return pd.DataFrame(rows)
 
 
 def ratios_over_seeds(results: Sequence[Mapping[str, Any]], level: float = 0.95) -> pd.DataFrame:
     """Per method and coder: the whole model's ratio against fp32 and the coded layers' alone, mean and interval."""
     _check_alike(results)
-    totals = pd.concat([r["sizes"][r["sizes"]["layer"] == "total"].assign(seed=int(r["config"]["seed"])) for r in results])
+    totals = pd.concat([r["sizes"][r["sizes"]["layer"] == "total"] for r in results])
     rows = []
     for (method, coder), group in totals.groupby(["method", "coder"], sort=False):
         row = {"method": method, "coder": coder, "seeds": len(group), "bits": float(group["bits"].mean())}
