@@ -139,6 +139,19 @@ def select_committed(frame: pd.DataFrame, requested: Mapping[str, Sequence[Any] 
 
 
 
+def committed_runs(csv: str | Path, records: str | Path, requested: Mapping[str, Sequence[Any] | None] | None = None
+                   ) -> tuple[pd.DataFrame | None, dict[str, dict]]:
+    """A committed sweep's rows (those ``requested`` asks for, as :func:`select_committed`) and the records of
+    those runs that are committed in the folder ``records`` (run name -> record; for McNemar tests).
+    ``(None, {})`` when ``csv`` is not there: a study that has not been committed yet."""
+    csv, records = Path(csv), Path(records)
+    if not csv.is_file():
+        return None, {}
+    frame = select_committed(pd.read_csv(csv), requested or {}, csv)
+    found = {run: records / f"{run}.json" for run in frame["run"]}
+    return frame, {run: json.loads(path.read_text(encoding="utf-8")) for run, path in found.items() if path.is_file()}
+
+
 def committed_record(profile: str, allocator: str, weight_bits: float, act_bits: int, seed: int) -> tuple[dict, Path] | None:
     """The committed record of one experiment (``../results/<profile>/records/<allocator>-W<w>-A<a>-s<seed>-*.json``),
     the newest when several code versions are there; None when there is none."""

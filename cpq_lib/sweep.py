@@ -190,7 +190,8 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
               base: dict[str, Any] | None = None, progress: bool = True,
               shared_dir: str | os.PathLike | None = None,
               executor: ExecutorSettings | str = "inline", stale: str = "refuse") -> pd.DataFrame:
-    """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results.
+    """Run every combination of ``axes`` (on top of ``base`` overrides); returns the tidy results of these
+    runs (``<out>/results.csv`` lists every finished run in the folder).
 
     ``shared_dir`` (default ``<out>/shared``): where runs find and cache baselines and class scores.
     ``executor``: ``"inline"`` (this process), ``"local"`` (one process per run) or settings
@@ -220,7 +221,7 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
                       (profile, [({**(base or {}), **o}, str(out / "runs" / i)) for i, o in group], str(shared), stale, ranks))
                  for group in groups]
         failures = run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
-        frame = write_results(out)
+        frame = _this_grid(write_results(out), ids)
         raise_failures(failures, len(calls))
         return frame
     data_cache: dict[str, Any] = {}
@@ -236,7 +237,13 @@ def run_sweep(profile: str, axes: list[tuple[tuple[str, ...], list[tuple[Any, ..
 
     calls = [Call(identifier, run_here, (identifier, config)) for identifier, config in configs]
     run_calls(calls, settings, out / "jobs", on_done=lambda _: write_results(out), progress=progress)
-    return write_results(out)
+    return _this_grid(write_results(out), ids)
+
+
+def _this_grid(frame: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+    """The rows of this grid's runs: a folder can also hold finished runs of another grid or of other base
+    settings (results.csv lists them all), which a caller's tables must not mix in."""
+    return frame[frame["run"].isin(ids)].reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,26 @@ def test_markdown_comparison_gives_cis_paired_contrasts_and_flags_unequal_budget
     assert "best other" not in text
 
 
+def test_the_hessian_arms_are_contrasted_with_uniform_classpath_and_their_class_ablation():
+    import pandas as pd
+
+    from cpq_lib.allocation.report import contrast_table
+
+    tests = {"uniform": (0.80, 0.82), "classpath": (0.79, 0.80), "hawq": (0.83, 0.84),
+             "hawq_channel": (0.81, 0.81), "hawq_class": (0.84, 0.86)}
+    frame = pd.DataFrame([{"run": f"{arm}-{seed}", "target": "W2A2", "allocator": arm, "seed": seed, "test_after": value}
+                          for arm, values in tests.items() for seed, value in enumerate(values)])
+    table = contrast_table(frame).set_index(["arm", "baseline"])
+    # the ones whose arms ran, none of those whose arms did not (sensitivity, random paths, aimet)
+    assert set(table.index) == {("classpath", "uniform"), ("hawq", "uniform"), ("hawq", "classpath"),
+                                ("hawq_channel", "uniform"), ("hawq_channel", "classpath"), ("hawq_class", "uniform"),
+                                ("hawq_class", "classpath"), ("hawq_class", "hawq_channel")}
+    # paired by seed: (0.84 - 0.81, 0.86 - 0.81) -> +0.04; (0.84 - 0.79, 0.86 - 0.80) -> +0.055
+    assert table.loc[("hawq_class", "hawq_channel"), "difference"] == pytest.approx(0.04)
+    assert table.loc[("hawq_class", "classpath"), "difference"] == pytest.approx(0.055)
+    assert (table["pairs"] == 2).all()
+
+
 def test_contrasts_add_mcnemar_per_seed_from_the_records():
     import numpy as np
     import pandas as pd

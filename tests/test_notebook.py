@@ -38,6 +38,18 @@ def test_select_committed_refuses_values_it_does_not_hold():
         notebook.select_committed(FRAME, {"seed": [0, 2]}, "allocators.csv")
 
 
+def test_committed_runs_reads_the_rows_asked_for_and_their_records(tmp_path):
+    frame = FRAME.assign(run=[f"run-{i}" for i in range(len(FRAME))])
+    frame.to_csv(tmp_path / "hessian.csv", index=False)
+    (tmp_path / "records").mkdir()
+    for run in frame["run"][:2]:  # the third run's record is not committed
+        (tmp_path / "records" / f"{run}.json").write_text(json.dumps({"run": run}))
+    chosen, records = notebook.committed_runs(tmp_path / "hessian.csv", tmp_path / "records", {"seed": [0]})
+    assert list(chosen["seed"]) == [0] * (FRAME["seed"] == 0).sum()
+    assert records == {run: {"run": run} for run in chosen["run"] if run in ("run-0", "run-1")}
+    assert notebook.committed_runs(tmp_path / "missing.csv", tmp_path / "records") == (None, {})
+
+
 def test_resolve_parameters_defaults_committed_and_refusal():
     defaults = {"sparsity": 0.8, "fractions": [0.5, 1.0]}
     assert notebook.resolve_parameters({"sparsity": None, "fractions": None}, defaults, None) == defaults

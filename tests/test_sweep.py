@@ -66,6 +66,18 @@ def test_a_run_folder_made_with_another_configuration_is_refused(tmp_path, quick
         run_sweep("quick", axes, tmp_path, {"refine.epochs": 0}, progress=False, stale="keep")
 
 
+def test_a_sweep_returns_its_own_runs_not_others_in_the_folder(tmp_path, quick_baseline_dir):
+    shutil.copytree(quick_baseline_dir, tmp_path / "shared" / "baseline")
+    first = run_sweep("quick", [parse_axis("allocation.method=uniform")], tmp_path, {"refine.epochs": 0}, progress=False)
+    # the same grid with other base settings (as a notebook's cache folder sees when its parameters change)
+    second = run_sweep("quick", [parse_axis("allocation.method=uniform")], tmp_path,
+                       {"refine.epochs": 0, "allocation.weight_bits": 3}, progress=False)
+    assert len(first) == len(second) == 1 and first["run"][0] != second["run"][0]
+    assert second["average_bits"][0] > 2.5
+    listed = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(listed["run"]) == sorted([first["run"][0], second["run"][0]])  # results.csv keeps every run
+
+
 def test_a_sweep_without_finished_runs_writes_a_readable_results_table(tmp_path):
     from cpq_lib.experiment import TIDY_COLUMNS
     from cpq_lib.sweep import write_results

@@ -62,8 +62,13 @@ TARGET_ORDER = ("W2A2", "W3A3", "W4A4")
 BUDGET_TOLERANCE = 0.01  # arms at one point must spend the same bits to within this, or the row is flagged
 # the pre-specified contrasts (arm, baseline), named before the results: the class ingredient against the
 # strongest non-class baselines and against its own ablation
-CONTRASTS = tuple((arm, base) for arm in ("classpath", "classpath_cpq")
-                  for base in ("uniform", "sensitivity", "classpath_random_paths"))
+CLASS_PATH_CONTRASTS = tuple((arm, base) for arm in ("classpath", "classpath_cpq")
+                             for base in ("uniform", "sensitivity", "classpath_random_paths"))
+# the Hessian-aware arms and the AIMET peer against uniform and the reference ClassPathQ, and the class
+# weighting of the traces against its equal-weight ablation
+HESSIAN_CONTRASTS = tuple((arm, base) for arm in ("hawq", "hawq_channel", "hawq_class", "aimet")
+                          for base in ("uniform", "classpath")) + (("hawq_class", "hawq_channel"),)
+CONTRASTS = CLASS_PATH_CONTRASTS + HESSIAN_CONTRASTS  # each applies where both of its arms ran
 
 
 def _cell(interval: Interval) -> str:
