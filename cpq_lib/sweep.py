@@ -49,7 +49,7 @@ from .jobs import EXECUTORS, Call, ExecutorSettings, raise_failures, run_calls
 from .pipeline import load_data
 from .cpu_env import set_portable_environment
 from .runtime import configure_for
-from .train.distributed import init_from_environment
+from .train.distributed import init_from_environment, leave
 
 RESULTS = "results.csv"
 SHORT = {"allocation.method": "", "allocation.weight_bits": "W", "allocation.act_bits": "A", "seed": "s"}
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.group_file:
         group = json.loads(Path(args.group_file).read_text(encoding="utf-8"))
         _run_group(group["profile"], [(o, d) for o, d in group["runs"]], group["shared_dir"], group["stale"])
+        leave()  # on success only: a rank that failed exits and torchrun stops the others
         return 0
     if not args.out:
         parser.error("--out is required")

@@ -18,7 +18,7 @@ from ..config import PROFILES, make_config
 from ..errors import CpqError
 from ..pipeline import load_data, train_baseline
 from ..runtime import configure_for
-from .distributed import init_from_environment, is_writer
+from .distributed import init_from_environment, is_writer, leave
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if is_writer():
         print(json.dumps({k: card[k] for k in ("epochs", "val_accuracy", "test_accuracy", "wall_time_seconds")}))
+    leave()
     return 0
 
 

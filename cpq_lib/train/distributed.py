@@ -54,6 +54,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave() -> None:
+    """Leave the process group together: every rank waits for the others, then destroys the group.
+    A process that exits without ``destroy_process_group`` can abort (SIGABRT) in interpreter shutdown
+    while gloo's worker threads still hold tensors of its last collectives (pytorch/pytorch#179291;
+    seen once on a rank that had only broadcast a finished run's record)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def agree(value):
     """Rank 0's ``value`` on every rank: decisions every rank must take alike (is a cached file usable?)."""
     if world()[1] == 1:
