@@ -279,6 +279,20 @@ def test_contrasts_add_mcnemar_per_seed_from_the_records():
     assert p == pytest.approx(mcnemar(better, base).p_value) and p < 1e-20
 
 
+def test_reading_views_put_accuracies_and_differences_in_points():
+    import pandas as pd
+
+    from cpq_lib.allocation.report import contrast_view, percent_view
+
+    table = pd.DataFrame([{"mean": 0.8412, "ci_low": 0.8302, "ci_high": 0.8522, "bitops": 8.94e8}])
+    view = percent_view(table).iloc[0]
+    assert (view["test (%)"], view["± (95% CI)"], view["GBitOPs"]) == pytest.approx((84.12, 1.10, 0.894))
+    contrasts = pd.DataFrame([{"difference": -0.0011, "ci_low": -0.0079, "ci_high": 0.0057, "mcnemar_p": [0.5, 0.0312]}])
+    row = contrast_view(contrasts).iloc[0]
+    assert (row["difference"], row["ci_low"], row["ci_high"]) == pytest.approx((-0.11, -0.79, 0.57))
+    assert row["mcnemar_p"] == "0.50, 0.03"
+
+
 def test_comparison_command_prints_the_table_of_a_csv(tmp_path, capsys):
     import pandas as pd
 

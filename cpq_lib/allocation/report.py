@@ -151,6 +151,19 @@ def contrast_table(frame: pd.DataFrame, records: dict[str, dict] | None = None, 
     return pd.DataFrame(out, columns=["target", "arm", "baseline", "pairs", "difference", "ci_low", "ci_high", "mcnemar_p"])
 
 
+def percent_view(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`comparison_table` for reading: test accuracy and its 95% CI half-width in points, GBitOPs."""
+    return table.assign(**{"test (%)": 100 * table["mean"], "± (95% CI)": 50 * (table["ci_high"] - table["ci_low"]),
+                           "GBitOPs": table["bitops"] / 1e9})
+
+
+def contrast_view(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`contrast_table` for reading: differences and CIs in points, McNemar p-values as one string."""
+    return contrasts.assign(difference=100 * contrasts["difference"], ci_low=100 * contrasts["ci_low"],
+                            ci_high=100 * contrasts["ci_high"],
+                            mcnemar_p=contrasts["mcnemar_p"].map(lambda ps: ", ".join(f"{p:.2f}" for p in ps)))
+
+
 COMPARISON_COLUMNS = ("target", "allocator", "test_after", "test_before", "val_after", "average_bits", "bitops",
                       "evaluations", "search_seconds")
 NUMERIC_COLUMNS = COMPARISON_COLUMNS[2:]
