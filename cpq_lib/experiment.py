@@ -107,11 +107,15 @@ def search_knobs(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def run_search(student: nn.Module, config: ExperimentConfig, data: SearchData, scores, device: str,
-               progress: bool) -> AllocationResult:
+               progress: bool, cache_dir: str | os.PathLike | None = None) -> AllocationResult:
+    """The configured allocator's plan; ``cache_dir``: where runs sharing a model cache their Hessian traces."""
     a = config.allocation
     evaluator = SearchEvaluator(student, data, a.search_images, seed=config.seed, device=device, bn_images=a.bn_images)
     target = Target(a.weight_bits, a.act_bits, a.slack, a.max_gbitops, a.max_bytes)
-    return allocate(a.method, evaluator, target, scores=scores, seed=config.seed, progress=progress, **search_knobs(config))
+    knobs = search_knobs(config)
+    if cache_dir is not None and a.method.startswith("hawq"):
+        knobs["trace_cache"] = cache_dir
+    return allocate(a.method, evaluator, target, scores=scores, seed=config.seed, progress=progress, **knobs)
 
 
 def _load_search(path: Path) -> dict[str, Any] | None:
@@ -195,7 +199,7 @@ def _run_experiment(config: ExperimentConfig, run: Path, shared_dir: str | os.Pa
 
     saved = _load_search(run / SEARCH) if writer else None
     if writer and saved is None:
-        result = run_search(student, config, search_data, scores, device, progress)
+        result = run_search(student, config, search_data, scores, device, progress, cache_dir=shared / "cache")
         saved = {"plan": result.plan.to_dict(), "trajectory": result.trajectory.to_dict("records"), "cost": result.cost,
                  "accuracy": result.accuracy, "details": result.details}
         atomic_write_json(json.loads(json.dumps(saved, default=float)), run / SEARCH)

@@ -410,6 +410,49 @@ def test_allocators_honour_a_size_budget(search, method):
         Target(3.0, 4, max_gbitops=0)
 
 
+def test_hawq_arms_share_their_hessian_traces_through_a_keyed_cache(search, tmp_path, monkeypatch):
+    """hawq and hawq_channel estimate the same traces: with a cache folder the second reads them, and its
+    plan is the one it makes without the cache; other settings, the per-class traces or a damaged
+    entry are computed again, never served."""
+    import cpq_lib.allocation.hawq as hawq_module
+
+    student, data, scores = search
+    target = Target(2.0, 4)
+
+    def run(method, **knobs):
+        return allocate(method, SearchEvaluator(student, data, bn_images=64), target, progress=False,
+                        trace_cache=tmp_path, **knobs)
+
+    uncached = {method: allocated(search, method, 2.0)[0] for method in ("hawq", "hawq_channel")}
+    first = run("hawq")
+    assert first.details["trace_cost"]["from_cache"] is False
+    assert first.details["traces"] == uncached["hawq"].details["traces"]
+    (entry,) = tmp_path.glob("traces-*.pt")
+
+    class Recomputed(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Recomputed
+
+    real = hawq_module.hutchinson_traces
+    monkeypatch.setattr(hawq_module, "hutchinson_traces", refuse)
+    second = run("hawq_channel")
+    assert second.details["trace_cost"]["from_cache"] is True
+    assert second.details["traces"] == first.details["traces"]
+    assert second.details["trace_cost"]["seconds"] == first.details["trace_cost"]["seconds"]  # what computing them took
+    space = SearchEvaluator(student, data, bn_images=64).space
+    assert torch.equal(space.from_plan(second.plan), space.from_plan(uncached["hawq_channel"].plan))
+    for method, knobs in (("hawq", {"seed": 1}), ("hawq", {"max_probes": 150}), ("hawq_class", {})):
+        with pytest.raises(Recomputed):
+            run(method, **knobs)
+    entry.write_bytes(b"damaged")
+    monkeypatch.setattr(hawq_module, "hutchinson_traces", real)
+    again = run("hawq")
+    assert again.details["trace_cost"]["from_cache"] is False and again.details["traces"] == first.details["traces"]
+    assert [p.name for p in tmp_path.glob("traces-*.pt")] == [entry.name] and entry.stat().st_size > 100
+
+
 @pytest.mark.parametrize("method", allocator_params(["hawq", "hawq_class", "aimet"]))
 def test_search_seconds_count_the_work_before_the_single_evaluation(search, method):
     """Traces (hawq) and AIMET's own phases are part of the search's cost, not only the one evaluation."""

@@ -19,6 +19,7 @@ training images' mean loss is the mean of the per-class losses): that is the abl
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from .hessian import TraceEstimate, hutchinson_traces, perturbation_sensitivity
 from .search import AllocationResult, SearchLog
 from .budgets import ChannelBudget, extra_budgets
 from .solver import Budget, average_bits_budget, solve_assignment
+from .trace_cache import cached_traces
 from .space import AllocationError, Target, candidate_widths
 
 GRANULARITIES = ("layer", "channel")
@@ -58,25 +60,35 @@ def _training_batches(evaluator: SearchEvaluator) -> list[tuple[torch.Tensor, to
     return evaluator.bn_batches
 
 
-def hessian_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int) -> TraceEstimate:
+def hessian_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int,
+                   cache_dir: str | os.PathLike | None = None) -> TraceEstimate:
     """Traces of the float twin on the evaluator's BatchNorm-re-estimation images: training images,
-    fixed, seeded and class-balanced, never validation or test."""
+    fixed, seeded and class-balanced, never validation or test. Read from ``cache_dir`` when made there."""
     twin, parameters = float_twin(evaluator)
-    return hutchinson_traces(twin, _training_batches(evaluator), parameters, max_probes=max_probes,
-                             tolerance=tolerance, seed=seed)
+    batches = _training_batches(evaluator)
+    return cached_traces(cache_dir, "model", twin, batches, {"max_probes": max_probes, "tolerance": tolerance, "seed": seed},
+                         lambda: hutchinson_traces(twin, batches, parameters, max_probes=max_probes,
+                                                   tolerance=tolerance, seed=seed))
 
 
-def class_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int) -> dict[int, TraceEstimate]:
+def class_traces(evaluator: SearchEvaluator, max_probes: int, tolerance: float, seed: int,
+                 cache_dir: str | os.PathLike | None = None) -> dict[int, TraceEstimate]:
     """One trace estimate per class, of the loss on that class's training images only."""
     twin, parameters = float_twin(evaluator)
-    images = torch.cat([x for x, _ in _training_batches(evaluator)])
-    labels = torch.cat([y for _, y in _training_batches(evaluator)])
-    out = {}
-    for c in sorted(set(labels.tolist())):
-        rows = labels == c
-        out[c] = hutchinson_traces(twin, [(images[rows], labels[rows])], parameters, max_probes=max_probes,
-                                   tolerance=tolerance, seed=seed * 1000 + c)
-    return out
+    batches = _training_batches(evaluator)
+
+    def compute() -> dict[int, TraceEstimate]:
+        images = torch.cat([x for x, _ in batches])
+        labels = torch.cat([y for _, y in batches])
+        out = {}
+        for c in sorted(set(labels.tolist())):
+            rows = labels == c
+            out[c] = hutchinson_traces(twin, [(images[rows], labels[rows])], parameters, max_probes=max_probes,
+                                       tolerance=tolerance, seed=seed * 1000 + c)
+        return out
+
+    return cached_traces(cache_dir, "per-class", twin, batches,
+                         {"max_probes": max_probes, "tolerance": tolerance, "seed": seed}, compute)
 
 
 @torch.no_grad()
@@ -130,9 +142,10 @@ def group_budget(budget: ChannelBudget, space, granularity: str, widths: list[in
 
 def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "layer", class_weights: str | None = None,
          start_bits: int | None = None, min_bits: int = 1, max_probes: int = 200, tolerance: float = 1e-2, seed: int = 0,
-         progress: bool = True, **_) -> AllocationResult:
+         trace_cache: str | os.PathLike | None = None, progress: bool = True, **_) -> AllocationResult:
     """Per-layer (HAWQ-V3) or per-channel bits minimising the summed Hessian-aware sensitivity;
-    ``class_weights="loss"``: per-class traces weighted by the float model's per-class validation loss."""
+    ``class_weights="loss"``: per-class traces weighted by the float model's per-class validation loss.
+    ``trace_cache``: a folder where runs sharing model, images and settings compute the traces once."""
     if granularity not in GRANULARITIES:
         raise AllocationError(f"hawq granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     if class_weights not in CLASS_WEIGHTS:
@@ -143,11 +156,11 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
     details: dict = {}
     log = SearchLog(evaluator, f"hawq ({granularity})", progress, total=1)  # started before the traces: its seconds include them
     if class_weights is None:
-        traces = hessian_traces(evaluator, max_probes, tolerance, seed)
+        traces = hessian_traces(evaluator, max_probes, tolerance, seed, trace_cache)
         per_channel, per_layer = traces.per_channel, traces.per_layer
         estimates = [traces]
     else:
-        by_class = class_traces(evaluator, max_probes, tolerance, seed)
+        by_class = class_traces(evaluator, max_probes, tolerance, seed, trace_cache)
         losses = validation_class_losses(evaluator, evaluator.num_classes)
         per_channel = weighted_class_traces(by_class, losses)
         per_layer = {name: float(values.sum()) for name, values in per_channel.items()}
@@ -179,6 +192,7 @@ def hawq(evaluator: SearchEvaluator, target: Target, *, granularity: str = "laye
         "trace_cost": {"estimates": len(estimates), "probes": sum(e.probes for e in estimates),
                        "hessian_vector_products": sum(e.hessian_vector_products for e in estimates),
                        "seconds": round(sum(e.seconds for e in estimates), 3), "converged": all(e.converged for e in estimates),
+                       "from_cache": all(e.from_cache for e in estimates),
                        "images": sum(len(labels) for _, labels in evaluator.bn_batches)}})
     return log.result("hawq", bits, target, accuracy,
                       {"granularity": granularity, "class_weights": class_weights, "start_bits": start, "min_bits": min_bits,

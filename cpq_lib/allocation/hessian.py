@@ -39,11 +39,12 @@ class TraceEstimate:
     hessian_vector_products: int
     seconds: float
     converged: bool  # the convergence rule stopped the loop (else: the probe cap)
+    from_cache: bool = False  # read from a cache entry; ``seconds`` is what computing it took then
 
     def as_dict(self) -> dict:
         return {"per_layer": {k: round(v, 8) for k, v in self.per_layer.items()}, "probes": self.probes,
                 "hessian_vector_products": self.hessian_vector_products, "seconds": round(self.seconds, 3),
-                "converged": self.converged}
+                "converged": self.converged, "from_cache": self.from_cache}
 
 
 def rademacher_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
