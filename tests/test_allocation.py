@@ -419,8 +419,8 @@ def test_hawq_arms_share_their_hessian_traces_through_a_keyed_cache(search, tmp_
     student, data, scores = search
     target = Target(2.0, 4)
 
-    def run(method, **knobs):
-        return allocate(method, SearchEvaluator(student, data, bn_images=64), target, progress=False,
+    def run(method, images=64, **knobs):
+        return allocate(method, SearchEvaluator(student, data, bn_images=images), target, progress=False,
                         trace_cache=tmp_path, **knobs)
 
     uncached = {method: allocated(search, method, 2.0)[0] for method in ("hawq", "hawq_channel")}
@@ -443,7 +443,7 @@ def test_hawq_arms_share_their_hessian_traces_through_a_keyed_cache(search, tmp_
     assert second.details["trace_cost"]["seconds"] == first.details["trace_cost"]["seconds"]  # what computing them took
     space = SearchEvaluator(student, data, bn_images=64).space
     assert torch.equal(space.from_plan(second.plan), space.from_plan(uncached["hawq_channel"].plan))
-    for method, knobs in (("hawq", {"seed": 1}), ("hawq", {"max_probes": 150}), ("hawq_class", {})):
+    for method, knobs in (("hawq", {"seed": 1}), ("hawq", {"max_probes": 150}), ("hawq", {"images": 32}), ("hawq_class", {})):
         with pytest.raises(Recomputed):
             run(method, **knobs)
     entry.write_bytes(b"damaged")
